@@ -35,12 +35,12 @@ def _adaptive_bins(length: int, bins: int) -> list[tuple[int, int]]:
 def _pooling_matrix_cpu(height: int, width: int, kernel_size: int, mode: str) -> Tensor:
     k2 = kernel_size * kernel_size
     n = height * width
-    pool = torch.zeros(k2, n, dtype=torch.float64)
+    pool = torch.zeros(k2, n, dtype=torch.float64, device="cpu")
     if mode == "sequence":
         for i, (lo, hi) in enumerate(_adaptive_bins(n, k2)):
             pool[i, lo:hi] = 1.0 / (hi - lo)
     elif mode == "grid":
-        index = torch.arange(n).view(height, width)
+        index = torch.arange(n, device="cpu").view(height, width)
         rows, cols = _adaptive_bins(height, kernel_size), _adaptive_bins(width, kernel_size)
         for i, (r0, r1) in enumerate(rows):
             for j, (c0, c1) in enumerate(cols):
