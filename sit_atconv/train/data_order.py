@@ -1,0 +1,52 @@
+"""Deterministic, resumable data order: which samples every rank sees at every step.
+
+The order is a pure function of (seed, step): epoch e is a permutation drawn from seed + e, and
+global batch s takes the next `global_batch` indices, split across ranks. Resuming at step s needs
+no iterator state, and the same seed gives the same batches whatever the restart point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
+def global_batch_indices(step: int, global_batch: int, num_samples: int, seed: int) -> torch.Tensor:
+    """Dataset indices of global batch `step` (batches may straddle epochs)."""
+    start = step * global_batch
+    out, filled = [], 0
+    while filled < global_batch:
+        epoch, offset = divmod(start + filled, num_samples)
+        take = min(global_batch - filled, num_samples - offset)
+        out.append(epoch_permutation(num_samples, seed, epoch)[offset:offset + take])
+        filled += take
+    return torch.cat(out)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Yields this rank's share of each global batch from `start_step` on (infinite)."""
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int,
+                 start_step: int = 0):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes; "
+                             f"choose a multiple of {world_size}.")
+        if num_samples <= 0:
+            raise ValueError("the dataset is empty.")
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.per_rank = global_batch // world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            batch = global_batch_indices(step, self.global_batch, self.num_samples, self.seed)
+            yield batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist()
+            step += 1
