@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..layers.atconv import ATConv
 from ..layers.embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
+from ..transport.guidance import cfg_combine
 
 MIXERS = ("attn", "atconv", "hybrid")
 
@@ -169,9 +170,7 @@ class SiT(nn.Module):
         """
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, y)
-        cond, uncond = out.chunk(2)
-        k = out.shape[1] if guided_channels is None else guided_channels
-        guided = torch.cat([uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], dim=1)
+        guided = cfg_combine(*out.chunk(2), cfg_scale, guided_channels)
         return torch.cat([guided, guided])
 
 
