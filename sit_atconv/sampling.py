@@ -2,7 +2,9 @@
 
 Image i of a request is drawn from its own generator seeded by (base_seed, i) — both its starting
 noise and, for SDE samplers, every noise increment — so a set of images is identical whatever the
-batch size or number of processes (edm2's per-image RNG).
+batch size or number of processes (edm2's per-image RNG). This holds exactly for fixed-step
+samplers; adaptive ODE solvers (dopri5) choose steps from the whole batch's error norm, so their
+images agree only to the solver tolerance across batch compositions.
 """
 
 from __future__ import annotations

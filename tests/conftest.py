@@ -30,3 +30,8 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level CLIs (train.py, sample.py, ...)
