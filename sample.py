@@ -16,7 +16,14 @@ import torch
 
 from sit_atconv.config import ConfigError, load_config
 from sit_atconv.io import atomic_write
-from sit_atconv.sampling import add_sampling_args, autoencoder_for, generate, load_run, options_from_args, save_grid
+from sit_atconv.sampling import (
+    add_sampling_args,
+    autoencoder_for,
+    generate,
+    load_run,
+    options_from_args,
+    save_grid,
+)
 from sit_atconv.train.trainer import run_dir_for
 
 

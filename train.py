@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     cfg, ns = parse_args(argv, parser)
     if ns.dry_run:
-        from sit_atconv.config import config_to_dict
-
         import yaml
+
+        from sit_atconv.config import config_to_dict
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0

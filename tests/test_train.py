@@ -31,11 +31,13 @@ def _weights(run_dir):
     return state["model"], state["ema"], state["optimizer"]["state"]
 
 
-def test_resume_is_bit_exact(tmp_path):
-    full = train(_cfg(tmp_path, "full", "optim.max_steps=20", "log.ckpt_every=10"))
-    part = train(_cfg(tmp_path, "part", "optim.max_steps=10", "log.ckpt_every=10"))
+@pytest.mark.parametrize("data", [[], ["data.random_flip=true", "data.num_workers=2"]],
+                         ids=["in-process", "flips+workers"])
+def test_resume_is_bit_exact(tmp_path, data):
+    full = train(_cfg(tmp_path, "full", "optim.max_steps=20", "log.ckpt_every=10", *data))
+    part = train(_cfg(tmp_path, "part", "optim.max_steps=10", "log.ckpt_every=10", *data))
     AcceleratorState._reset_state(True)
-    resumed = train(_cfg(tmp_path, "part", "optim.max_steps=20", "log.ckpt_every=10"))
+    resumed = train(_cfg(tmp_path, "part", "optim.max_steps=20", "log.ckpt_every=10", *data))
     assert resumed == part
     a, b = _weights(full), _weights(resumed)
     for x, y in zip(a[:2], b[:2]):
@@ -44,7 +46,7 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(a[2][k]["exp_avg_sq"], b[2][k]["exp_avg_sq"])
     assert load_checkpoint(resumed)["step"] == 20
     # a run that diverged in its data order would differ: guard that the comparison can fail
-    other = train(_cfg(tmp_path, "other", "optim.max_steps=20", "log.ckpt_every=10", "optim.seed=1"))
+    other = train(_cfg(tmp_path, "other", "optim.max_steps=20", "log.ckpt_every=10", "optim.seed=1", *data))
     assert not torch.equal(_weights(other)[0]["final_layer.linear.weight"], a[0]["final_layer.linear.weight"])
 
 
@@ -58,6 +60,16 @@ def test_run_folder_is_never_overwritten(tmp_path):
     with pytest.raises(RunError, match="different model"):
         train(_cfg(tmp_path, "keep", "optim.max_steps=10", "model.hidden_size=48"))
     assert latest_checkpoint(run).read_bytes() == before
+
+
+def test_mirrored_by_index():
+    from sit_atconv.data import DigitsDataset, MirroredByIndex
+
+    base = DigitsDataset("train")
+    both = MirroredByIndex(base)
+    assert len(both) == 2 * len(base)
+    assert torch.equal(both[3][0], base.images[3]) and torch.equal(both[len(base) + 3][0], base.images[3].flip(-1))
+    assert both[len(base) + 3][1] == base[3][1]
 
 
 def _two_rank_worker(cfg_path):

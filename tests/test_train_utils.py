@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from sit_atconv.models import create_sit
-from sit_atconv.train.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint,
-                                         rng_state, save_checkpoint, set_rng_state)
+from sit_atconv.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from sit_atconv.train.data_order import ResumableBatchSampler, global_batch_indices
 from sit_atconv.train.ema import create_ema, update_ema
 from sit_atconv.train.optim import build_optimizer, param_groups

@@ -18,7 +18,7 @@ from sit_atconv.data.images import DataError, ImageFolderDataset, center_crop_ar
 from sit_atconv.data.latents import LatentDataset
 
 __all__ = ["Autoencoder", "AutoencoderError", "DataError", "DigitsDataset", "IdentityAutoencoder",
-           "ImageFolderDataset", "LatentDataset", "VAEAutoencoder", "build_autoencoder", "build_dataset",
+           "ImageFolderDataset", "LatentDataset", "MirroredByIndex", "VAEAutoencoder", "build_autoencoder", "build_dataset",
            "center_crop_arr", "digits_split", "load_digits_tensors"]
 
 
@@ -39,6 +39,27 @@ class Unconditional(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.dataset[index][0], 0
+
+    def load(self, index: int, flip: bool) -> tuple[torch.Tensor, int]:
+        return self.dataset.load(index, flip)[0], 0
+
+
+class MirroredByIndex(Dataset):
+    """Both orientations of a dataset as 2N items: item i is image i % N, mirrored when i >= N.
+
+    The flip becomes part of the index, so a deterministic index order (the trainer's) also fixes
+    every flip — with any number of DataLoader workers and across resumes.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return 2 * len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.dataset)
+        return self.dataset.load(index % n, index >= n)
 
 
 def _check_latent_store(ds: LatentDataset, data_cfg: DataConfig) -> None:

@@ -63,8 +63,10 @@ class DigitsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def load(self, index: int, flip: bool) -> tuple[torch.Tensor, int]:
+        """Item `index`, mirrored when `flip`."""
         image = self.images[index]
-        if self.random_flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return image, int(self.labels[index])
+        return (image.flip(-1) if flip else image), int(self.labels[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.load(index, self.random_flip and bool(torch.rand(()) < 0.5))

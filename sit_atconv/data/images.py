@@ -85,8 +85,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def load(self, index: int, flip: bool) -> tuple[torch.Tensor, int]:
+        """Item `index`, mirrored when `flip`."""
         image = load_image(self.files[index], self.image_size)
-        if self.random_flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return image, self.labels[index]
+        return (image.flip(-1) if flip else image), self.labels[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.load(index, self.random_flip and bool(torch.rand(()) < 0.5))

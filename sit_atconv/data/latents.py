@@ -96,10 +96,13 @@ class LatentDataset(Dataset):
             self._shards[shard] = np.load(shard_path(self.store, shard), mmap_mode="r")
         return self._shards[shard]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def load(self, index: int, flip: bool) -> tuple[torch.Tensor, int]:
+        """Latent of image `index`, or of its mirror when `flip` (both are stored)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a store of {len(self)} latents")
         shard, offset = divmod(index, self.manifest["shard_size"])
-        flip = int(torch.rand(()) < 0.5) if self.random_flip else 0
-        latent = np.array(self._shard(shard)[offset, flip], dtype=np.float32)
+        latent = np.array(self._shard(shard)[offset, int(flip)], dtype=np.float32)
         return torch.from_numpy(latent), int(self.labels[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.load(index, self.random_flip and bool(torch.rand(()) < 0.5))

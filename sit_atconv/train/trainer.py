@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, config_to_dict, save_config
-from ..data import build_autoencoder, build_dataset
+from ..data import MirroredByIndex, build_autoencoder, build_dataset
 from ..sampling import SamplingOptions, build_model, build_transport, class_grid_labels, generate, save_grid
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint
 from .data_order import ResumableBatchSampler
@@ -91,6 +91,8 @@ def train(cfg: TrainConfig, accelerator: Accelerator | None = None) -> Path:
     torch.manual_seed(o.seed)
     autoencoder = build_autoencoder(cfg.data).to(device).eval()
     dataset = build_dataset(cfg.data, cfg.model, autoencoder)
+    if cfg.data.random_flip:  # flips chosen by the (seeded, resumable) index order, not by worker RNGs
+        dataset = MirroredByIndex(dataset)
     model = build_model(cfg).to(device)
     ema = create_ema(model)
     optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps)
