@@ -18,8 +18,8 @@ from sit_atconv.data.images import DataError, ImageFolderDataset, center_crop_ar
 from sit_atconv.data.latents import LatentDataset
 
 __all__ = ["Autoencoder", "AutoencoderError", "DataError", "DigitsDataset", "IdentityAutoencoder",
-           "ImageFolderDataset", "LatentDataset", "MirroredByIndex", "VAEAutoencoder", "build_autoencoder", "build_dataset",
-           "center_crop_arr", "digits_split", "load_digits_tensors"]
+           "ImageFolderDataset", "LatentDataset", "MirroredByIndex", "VAEAutoencoder", "build_autoencoder",
+           "build_dataset", "center_crop_arr", "digits_split", "load_digits_tensors"]
 
 
 class Unconditional(Dataset):
