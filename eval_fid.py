@@ -1,5 +1,73 @@
-"""Placeholder: `eval_fid.py` is not built yet (see the open issues). It does nothing and says so."""
+"""Sample a SiT checkpoint and score the samples: FID, sFID, IS, KID, precision/recall -> metrics.json.
 
+    python eval_fid.py                                  # latest checkpoint of the default digits run, offline
+    python eval_fid.py --ckpt results/digits --num-samples 2000 --mode sde --num-steps 100
+    python eval_fid.py --samples RUN/eval/.../samples.npz               # metrics only (.npz or image folder)
+    accelerate launch eval_fid.py --ckpt RUN --num-samples 50000 \\
+        --ref VIRTUAL_imagenet256_labeled.npz --inception-weights PATH    # FID-50K, ADM protocol
+
+Image i has label i % num_classes and seed (--seed, i): the set is the same on any number of processes.
+Samples are written in shards under --out-dir (default RUN/eval/step<S>_<sampler>_n<N>_seed<seed>); a
+killed run rerun with the same command resumes; other settings for the same folder are refused. Output:
+samples.npz (ADM format: arr_0 uint8 N x H x W x 3, labels), metrics.json and a printed table.
+With --ref: torch-fidelity's TF-compatible Inception (weights: --inception-weights PATH, or its download
+cache). Without: the digits classifier `digits-attnet` against the held-out digits, plus `fid_floor`
+(training digits vs held-out digits). Every number is labelled with the extractor that produced it.
+"""
+
+import argparse
 import sys
+from pathlib import Path
 
-sys.exit("eval_fid.py is not implemented yet; see README.md for what works today.")
+from sit_atconv.config import ConfigError
+from sit_atconv.evaluation.generate import GenerationError
+from sit_atconv.evaluation.run import EXTRACTORS, evaluate, format_table
+from sit_atconv.io import UnsafeCheckpointError
+from sit_atconv.metrics import METRICS, InceptionWeightsError
+from sit_atconv.sampling import add_sampling_args, options_from_args
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                epilog="\n".join(__doc__.splitlines()[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--ckpt", metavar="PATH", help="checkpoint file or run folder (its latest checkpoint); "
+                                       "default: the default config's run folder")
+    add("--samples", type=Path, metavar="PATH", help="score this .npz (arr_0) or image folder, no sampling")
+    add("--ref", type=Path, metavar="PATH", help="reference: ADM batch .npz, image folder or cached "
+                                                 "statistics (default: held-out digits, digits-attnet)")
+    add("--inception-weights", type=Path, metavar="PATH", help="local torch-fidelity Inception weights")
+    add("--extractor", choices=EXTRACTORS, default="auto", help="auto: inception with --ref, else digits")
+    add("--metrics", nargs="+", choices=METRICS, metavar="NAME",
+        help=f"only these of {', '.join(METRICS)} (default: all the extractor supports)")
+    add("--num-samples", type=int, help="images to generate (default: 1000 for digits, else 50000)")
+    add("--seed", type=int, default=0, help="base seed; image i uses (seed, i)")
+    add("--batch-size", type=int, default=64, help="images per sampler/feature batch, per process")
+    add("--out-dir", type=Path, metavar="DIR", help="folder for shards, samples.npz and metrics.json")
+    add("--png", action="store_true", help="also write one PNG per sample (out-dir/png)")
+    add("--raw", action="store_true", help="use the raw (non-EMA) weights")
+    add_sampling_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:
+        results = evaluate(ckpt=args.ckpt, samples=args.samples, ref=args.ref, extractor=args.extractor,
+                           inception_weights=args.inception_weights, num_samples=args.num_samples,
+                           seed=args.seed, batch_size=args.batch_size, out_dir=args.out_dir,
+                           opts=options_from_args(args), use_ema=not args.raw, png=args.png,
+                           metrics=args.metrics)
+    except (ConfigError, GenerationError, InceptionWeightsError, UnsafeCheckpointError, FileNotFoundError,
+            ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if results is not None:  # the main process
+        print(format_table(results))
+        print(f"wrote {Path(results['out_dir']) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Checkpoint -> samples (sharded, distributed) -> features -> metrics.json: the body of `eval_fid.py`.
+
+Feature extractor per number (stored as `feature_extractor`): with `--ref`, torch-fidelity's TF-compatible
+InceptionV3 (`inception-v3-compat`: FID, sFID, IS, KID, precision/recall, ADM protocol); without it, the
+digits classifier (`digits-attnet`: FID, IS, KID, precision/recall against the 359 held-out digits, plus
+`fid_floor` = FID of the 1,438 training digits against the same held-out digits, the best a model of the
+training data can expect). Generation runs on every process; metrics on the main process only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from ..config import load_config
+from ..io import atomic_write
+from ..metrics import INCEPTION_NAME, InceptionV3Features, compute_metrics, load_reference
+from ..sampling import SamplingOptions, load_run
+from ..train.trainer import run_dir_for
+from .digits_features import DigitsFeatures, digits_uint8
+from .generate import GenerationError, generate_samples, process_state, run_on_main
+
+DIGITS_NUM_SAMPLES = 1000  # digits default N: ~1 min of sampling on 2 CPU cores
+NUM_SAMPLES = 50_000  # FID-50K (ADM protocol) for every other run
+EXTRACTORS = ("auto", "inception", "digits")
+DIGITS_REFERENCE = "held-out digits"
+ROWS = ("fid", "fid_floor", "sfid", "is", "kid", "precision", "recall")
+
+
+def sampler_tag(opts: SamplingOptions) -> str:
+    """A folder-name summary of resolved sampler options, e.g. ode-euler-32_cfg2."""
+    return f"{opts.mode}-{opts.sampling_method}-{opts.num_steps}_cfg{opts.cfg_scale:g}"
+
+
+def _metrics_only_dir(samples: Path) -> Path:
+    return samples.parent / f"{samples.stem if samples.is_file() else samples.name}_eval"
+
+
+def evaluate(*, ckpt: str | Path | None = None, samples: str | Path | None = None,
+             ref: str | Path | None = None, extractor: str = "auto",
+             inception_weights: str | Path | None = None, num_samples: int | None = None, seed: int = 0,
+             batch_size: int = 64, out_dir: str | Path | None = None, opts: SamplingOptions | None = None,
+             use_ema: bool = True, png: bool = False, metrics: Sequence[str] | None = None,
+             state: PartialState | None = None, show_progress: bool = True) -> dict | None:
+    """Generate (unless `samples` is given) and score; the results dict on the main process, else None.
+
+    `metrics`: a subset of fid, sfid, is, kid, precision, recall (None: all the extractor supports).
+    """
+    state = state or process_state()
+    opts = opts or SamplingOptions()
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"--extractor must be one of {EXTRACTORS}; got {extractor!r}.")
+    kind = extractor if extractor != "auto" else ("inception" if ref else "digits")
+    if kind == "inception" and ref is None:
+        raise ValueError("Inception metrics need a reference: pass --ref (ADM batch .npz, folder or stats).")
+    if kind == "digits" and metrics and "sfid" in metrics:
+        raise ValueError("sfid needs Inception spatial features: pass --ref, or drop sfid from --metrics.")
+    if inception_weights is not None and kind != "inception":
+        raise ValueError("--inception-weights applies to the Inception extractor: pass --ref too.")
+    if ref is not None and not Path(ref).exists():
+        raise FileNotFoundError(f"{ref}: no such reference .npz file or image folder.")
+    info: dict = {}
+    if samples is not None and (ckpt or num_samples or png):
+        raise ValueError("--samples scores existing images: drop --ckpt, --num-samples and --png.")
+    if samples is None:
+        if ckpt is None and not (ckpt := run_dir_for(load_config())).exists():
+            raise FileNotFoundError(f"{ckpt}: the default digits run is not trained yet; run python train.py "
+                                    "first, or pass --ckpt RUN.")
+        model, cfg, step, path = load_run(ckpt, state.device, use_ema=use_ema)
+        if kind == "digits" and ref is None and cfg.data.source != "digits":
+            raise ValueError(f"{path} is not a digits run: pass --ref (an ADM reference batch such as "
+                             "VIRTUAL_imagenet256_labeled.npz) for Inception metrics.")
+        num_samples = num_samples or (DIGITS_NUM_SAMPLES if cfg.data.source == "digits" else NUM_SAMPLES)
+        resolved = opts.resolved(cfg)
+        out_dir = Path(out_dir or path.parent.parent / "eval" /
+                       f"step{step:07d}_{sampler_tag(resolved)}_n{num_samples}_seed{seed}")
+        info = {"checkpoint": str(path), "step": step, "ema": use_ema, "seed": seed,
+                "sampler": asdict(resolved)}
+    else:
+        samples = Path(samples)
+        if not samples.exists():
+            raise FileNotFoundError(f"{samples}: no such .npz file or image folder.")
+        out_dir = Path(out_dir or _metrics_only_dir(samples))
+    device = state.device
+    features = {}
+
+    def build() -> str:  # before any sampling: missing Inception weights fail at once
+        features["x"] = (InceptionV3Features(inception_weights, device=device) if kind == "inception"
+                         else DigitsFeatures(device=device))
+        return features["x"].name
+
+    name = run_on_main(state, build)
+    if samples is None:
+        samples = generate_samples(model, cfg, opts, out_dir, num_samples=num_samples, seed=seed,
+                                   checkpoint=path, step=step, use_ema=use_ema, batch_size=batch_size,
+                                   png=png, state=state, show_progress=show_progress)
+    if not state.is_main_process:
+        return None
+    results = score(samples, features["x"], ref, out_dir, batch_size, device, metrics)
+    del results["extractor"]  # reported as feature_extractor
+    results.update(feature_extractor=name, samples=str(samples), out_dir=str(out_dir), **info)
+    text = json.dumps(results, indent=2) + "\n"
+    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    return results
+
+
+def score(samples: str | Path, extractor, ref: str | Path | None, out_dir: Path, batch_size: int,
+          device: torch.device | str = "cpu", metrics: Sequence[str] | None = None) -> dict:
+    """Metrics of an image set; against held-out digits (+ `fid_floor`) when `ref` is None."""
+    if ref is not None:
+        cache = out_dir / "reference_stats.npz" if extractor.name == INCEPTION_NAME else None
+        out = compute_metrics(samples, ref, metrics, extractor=extractor, device=device,
+                              batch_size=batch_size, reference_cache=cache)
+        return {**out, "reference": str(ref)}
+    kw = {"extractor": extractor, "device": device, "batch_size": batch_size}
+    held_out = load_reference(digits_uint8("held_out").numpy(), extractor, need_pool=True,
+                              batch_size=batch_size)
+    out = compute_metrics(samples, held_out, metrics, **kw)
+    train = digits_uint8("train").numpy()
+    floor = compute_metrics(train, held_out, ["fid"], **kw)["fid"]
+    return {**out, "fid_floor": floor, "num_floor": len(train), "reference": DIGITS_REFERENCE}
+
+
+def format_table(results: Mapping) -> str:
+    """The computed metrics, one row each, with the extractor that produced them."""
+    name, n_ref = results["feature_extractor"], results["num_reference"]
+    count = "stored statistics" if n_ref is None else f"{n_ref} images"
+    notes = {"fid": f"{results['num_samples']} samples vs {results['reference']} ({count})",
+             "fid_floor": f"{results.get('num_floor')} train vs {n_ref} held-out digits (real-data floor)"}
+    for key in ("is", "kid"):
+        if results.get(f"{key}_std"):
+            notes[key] = f"+- {results[f'{key}_std']:.3g}"
+    lines = [f"{'metric':<10} {'value':>10}  {'features':<20} note"]
+    for key in ROWS:
+        value = results.get(key)
+        if value is not None and math.isfinite(value):
+            lines.append(f"{key:<10} {value:>10.4f}  {name:<20} {notes.get(key, '')}".rstrip())
+    return "\n".join(lines)
+
+
+__all__ = ["DIGITS_NUM_SAMPLES", "NUM_SAMPLES", "GenerationError", "evaluate", "format_table", "score"]
