@@ -1,15 +1,18 @@
 """Attentive Convolution (ATConv), SPEC §1: one functional core, two layouts.
 
-The core is four pure functions — `pooling_matrix`, `generate_kernels`, `lateral_inhibition`,
-`dynamic_depthwise_conv` — shared by the `ATConv` module in its two layouts:
+The core is pure functions — `pool_features` (with `pooling_matrix`, its matrix form),
+`generate_kernels`, `lateral_inhibition`, `dynamic_depthwise_conv` (in `depthwise.py`) — shared by
+the `ATConv` module in its two layouts:
 
 * ``layout="image"``  (B, C, H, W), 1x1 Conv2d projections (AttNet);
-* ``layout="tokens"`` (B, N, C) on an H x W raster grid, Linear projections (SiT).
+* ``layout="tokens"`` (B, N, C) on an H x W raster grid, Linear projections (SiT). The token
+  tensor is used as a channels-last (B, C, H, W) view throughout: no layout copies.
 
 Kernel generation pools *before* `kernel_proj`. Pooling averages positions and `kernel_proj`
 mixes channels, and every bin's weights sum to one, so ``pool(kernel_proj(x)) ==
 kernel_proj(pool(x))`` exactly (bias included): same parameters and outputs as the paper's
-order, with the N x C x C product replaced by a k^2 x C x C one.
+order, with the N x C x C product replaced by a k^2 x C x C one. What remains per token is the
+two C x C products of x_proj and proj plus k^2 multiply-adds per channel.
 """
 
 from __future__ import annotations
@@ -21,64 +24,92 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .depthwise import IMPLS, DepthwiseImpl, dynamic_depthwise_conv
+
 Layout = Literal["image", "tokens"]
 KernelPool = Literal["sequence", "grid"]
 _ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
-def _adaptive_bins(length: int, bins: int) -> list[tuple[int, int]]:
-    """Bin i covers [floor(i*L/bins), ceil((i+1)*L/bins)), exactly as torch's adaptive pooling."""
-    return [((i * length) // bins, -((-(i + 1) * length) // bins)) for i in range(bins)]
+def _adaptive_bins(length: int, bins: int, device: torch.device | None) -> tuple[Tensor, Tensor]:
+    """(bins, length) membership mask and per-bin sizes: bin i covers [floor(i*L/bins), ceil((i+1)*L/bins)),
+    exactly as torch's adaptive pooling."""
+    i = torch.arange(bins, device=device)
+    lo, hi = (i * length) // bins, -((-(i + 1) * length) // bins)
+    pos = torch.arange(length, device=device)
+    return (pos >= lo[:, None]) & (pos < hi[:, None]), hi - lo
 
 
-@functools.lru_cache(maxsize=64)
-def _pooling_matrix_cpu(height: int, width: int, kernel_size: int, mode: str) -> Tensor:
-    k2 = kernel_size * kernel_size
-    n = height * width
-    pool = torch.zeros(k2, n, dtype=torch.float64, device="cpu")
+def _build_pooling_matrix(height: int, width: int, kernel_size: int, mode: str,
+                          device: torch.device | None, dtype: torch.dtype | None) -> Tensor:
+    """Torch ops only (no Python loops over bins), so torch.compile(fullgraph=True) traces it."""
+    k, k2 = kernel_size, kernel_size * kernel_size
+    build = torch.float64 if dtype == torch.float64 else torch.float32
     if mode == "sequence":
-        for i, (lo, hi) in enumerate(_adaptive_bins(n, k2)):
-            pool[i, lo:hi] = 1.0 / (hi - lo)
+        mask, count = _adaptive_bins(height * width, k2, device)
+        pool = mask.to(build) / count[:, None].to(build)
     elif mode == "grid":
-        index = torch.arange(n, device="cpu").view(height, width)
-        rows, cols = _adaptive_bins(height, kernel_size), _adaptive_bins(width, kernel_size)
-        for i, (r0, r1) in enumerate(rows):
-            for j, (c0, c1) in enumerate(cols):
-                cells = index[r0:r1, c0:c1].reshape(-1)
-                pool[i * kernel_size + j, cells] = 1.0 / cells.numel()
+        (rows, nrows), (cols, ncols) = _adaptive_bins(height, k, device), _adaptive_bins(width, k, device)
+        mask = (rows[:, None, :, None] & cols[None, :, None, :]).reshape(k2, height * width)
+        pool = mask.to(build) / (nrows[:, None] * ncols[None, :]).reshape(k2, 1).to(build)
     else:
         raise ValueError(f"kernel_pool={mode!r} is not supported; use 'sequence' (paper) or 'grid'.")
-    return pool
+    return pool.to(dtype=dtype or torch.get_default_dtype())
+
+
+_cached_pooling_matrix = functools.lru_cache(maxsize=64)(_build_pooling_matrix)
 
 
 def pooling_matrix(height: int, width: int, kernel_size: int, mode: KernelPool = "sequence",
                    device=None, dtype=None) -> Tensor:
     """(k^2, H*W) averaging matrix: 'sequence' = AdaptiveAvgPool1d(k^2) over the raster order
-    (horizontal stripes, the paper's behaviour), 'grid' = adaptive pooling to a k x k grid."""
-    return _pooling_matrix_cpu(height, width, kernel_size, mode).to(device=device, dtype=dtype)
+    (horizontal stripes, the paper's behaviour), 'grid' = adaptive pooling to a k x k grid.
 
-
-def generate_kernels(pooled: Tensor, gen_weight: Tensor, gen_bias: Tensor | None, approximate: str) -> Tensor:
-    """Adaptive routing, SPEC §1.1: act(pooled projection) -> shared Linear(k^2, k^2). (B, C, k^2)."""
-    return F.linear(F.gelu(pooled, approximate=approximate), gen_weight, gen_bias)
-
-
-def lateral_inhibition(kernels: Tensor, difference_control: Tensor) -> Tensor:
-    """SPEC §1.2: K - sigmoid(difference_control)[c] * mean_taps(K). kernels: (B, C, k^2)."""
-    factor = torch.sigmoid(difference_control).to(kernels.dtype)[:, None]
-    return kernels - factor * kernels.mean(dim=-1, keepdim=True)
-
-
-def dynamic_depthwise_conv(values: Tensor, kernels: Tensor) -> Tensor:
-    """SPEC §1.3: convolve each sample's each channel with its own k x k kernel (zero padding k//2).
-
-    values: (B, C, H, W); kernels: (B, C, k, k). One grouped conv over a (1, B*C, H, W) view.
+    The matrix form of `pool_features` (which the module runs). Cached in eager mode; rebuilt from
+    shapes with torch ops while torch.compile traces, so it never breaks a fullgraph compile.
     """
-    b, c, h, w = values.shape
-    k = kernels.shape[-1]
-    out = F.conv2d(values.reshape(1, b * c, h, w), kernels.reshape(b * c, 1, k, k).to(values.dtype),
-                   padding=k // 2, groups=b * c)
-    return out.view(b, c, h, w)
+    device = torch.device(device) if device is not None else None
+    if torch.compiler.is_compiling():
+        return _build_pooling_matrix(height, width, kernel_size, mode, device, dtype)
+    return _cached_pooling_matrix(height, width, kernel_size, mode, device, dtype)
+
+
+def pool_features(features: Tensor, kernel_size: int, mode: KernelPool = "sequence") -> Tensor:
+    """SPEC §1.1 pooling: (B, C, H, W), any memory format -> (B, C, k^2), via adaptive average pooling.
+
+    'sequence' pools the raster sequence into k^2 stripes (AdaptiveAvgPool1d(k^2), the paper);
+    'grid' pools to a k x k grid. Equals ``features.flatten(2) @ pooling_matrix(...).t()``, but runs
+    as one pass in the input's memory format (token-layout features stay channels-last).
+    """
+    if mode == "sequence":
+        pooled = F.adaptive_avg_pool2d(features.flatten(2).unsqueeze(2), (1, kernel_size * kernel_size))
+    elif mode == "grid":
+        pooled = F.adaptive_avg_pool2d(features, kernel_size)
+    else:
+        raise ValueError(f"kernel_pool={mode!r} is not supported; use 'sequence' (paper) or 'grid'.")
+    return pooled.flatten(2)
+
+
+def generate_kernels(pooled: Tensor, gen_weight: Tensor, gen_bias: Tensor | None, approximate: str,
+                     tap_dim: int = -1) -> Tensor:
+    """Adaptive routing, SPEC §1.1: act(pooled projection) -> shared Linear(k^2, k^2) over the taps.
+
+    Taps along `tap_dim`: -1 for (B, C, k^2); 1 for (B, k^2, C), the token layout's own order.
+    """
+    act = F.gelu(pooled, approximate=approximate)
+    if tap_dim in (-1, act.dim() - 1):
+        return F.linear(act, gen_weight, gen_bias)
+    out = torch.matmul(gen_weight.to(act.dtype), act)                     # (k^2, k^2) @ (B, k^2, C)
+    return out if gen_bias is None else out + gen_bias.to(out.dtype)[:, None]
+
+
+def lateral_inhibition(kernels: Tensor, difference_control: Tensor, tap_dim: int = -1) -> Tensor:
+    """SPEC §1.2: K - sigmoid(difference_control)[c] * mean_taps(K). kernels: (B, C, k^2) or, with
+    tap_dim=1, (B, k^2, C)."""
+    factor = torch.sigmoid(difference_control).to(kernels.dtype)
+    if tap_dim in (-1, kernels.dim() - 1):
+        factor = factor[:, None]
+    return kernels - factor * kernels.mean(dim=tap_dim, keepdim=True)
 
 
 class ATConv(nn.Module):
@@ -91,11 +122,15 @@ class ATConv(nn.Module):
         grid_size: (H, W) of the token grid — required for the tokens layout.
         act: "gelu" (exact, AttNet) or "gelu_tanh" (SiT) applied to the pooled kernels.
         kernel_pool: "sequence" (paper: raster stripes) or "grid" (k x k spatial cells).
+        impl: depthwise-conv implementation (`depthwise.py`): "auto" (per-sample custom-backward conv
+            in eager, grouped conv on tiny maps, fused shift-and-add while torch.compile traces the
+            tokens layout), "per_sample", "shift", or "grouped" (the reference's grouped conv).
+            A plain attribute: switch it at any time; every choice computes the same function.
     """
 
     def __init__(self, dim: int, kernel_size: int = 3, layout: Layout = "image",
                  grid_size: tuple[int, int] | int | None = None, act: str = "gelu",
-                 kernel_pool: KernelPool = "sequence", bias: bool = True):
+                 kernel_pool: KernelPool = "sequence", bias: bool = True, impl: DepthwiseImpl = "auto"):
         super().__init__()
         if layout not in ("image", "tokens"):
             raise ValueError(f"layout={layout!r} is not supported; use 'image' or 'tokens'.")
@@ -103,9 +138,14 @@ class ATConv(nn.Module):
             raise ValueError(f"act={act!r} is not supported; use one of {sorted(_ACTIVATIONS)}.")
         if kernel_pool not in ("sequence", "grid"):
             raise ValueError(f"kernel_pool={kernel_pool!r} is not supported; use 'sequence' or 'grid'.")
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r} is not supported; use one of {IMPLS}.")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size={kernel_size} must be odd (zero padding k//2 keeps the size).")
         if layout == "tokens" and grid_size is None:
             raise ValueError("ATConv(layout='tokens') needs grid_size=(H, W) of the token grid.")
         self.dim, self.kernel_size, self.layout, self.kernel_pool = dim, kernel_size, layout, kernel_pool
+        self.impl = impl
         self.grid_size = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
         self.approximate = _ACTIVATIONS[act]
         k2 = kernel_size * kernel_size
@@ -121,32 +161,31 @@ class ATConv(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kernel_size={self.kernel_size}, layout={self.layout}, " \
-               f"kernel_pool={self.kernel_pool}, grid_size={self.grid_size}"
+               f"kernel_pool={self.kernel_pool}, grid_size={self.grid_size}, impl={self.impl}"
 
-    def _kernels(self, pooled: Tensor) -> Tensor:
-        """pooled: (B, C, k^2) projected, pooled features -> inhibited kernels (B, C, k, k)."""
-        kernels = generate_kernels(pooled, self.kernel_gen.weight, self.kernel_gen.bias, self.approximate)
-        kernels = lateral_inhibition(kernels, self.difference_control)
-        return kernels.unflatten(-1, (self.kernel_size, self.kernel_size))
+    def _kernels(self, pooled: Tensor, tap_dim: int) -> Tensor:
+        """Projected, pooled features (taps along tap_dim) -> inhibited kernels, a (B, C, k, k) view."""
+        kernels = generate_kernels(pooled, self.kernel_gen.weight, self.kernel_gen.bias, self.approximate, tap_dim)
+        kernels = lateral_inhibition(kernels, self.difference_control, tap_dim)
+        return kernels.movedim(tap_dim, -1).unflatten(-1, (self.kernel_size, self.kernel_size))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_tokens(x) if self.layout == "tokens" else self._forward_image(x)
 
     def _forward_image(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        pool = pooling_matrix(h, w, self.kernel_size, self.kernel_pool, x.device, x.dtype)
-        pooled = x.flatten(2) @ pool.t()                                    # (B, C, k^2)
+        pooled = pool_features(x, self.kernel_size, self.kernel_pool)        # pool first: (B, C, k^2)
         pooled = F.conv1d(pooled, self.kernel_proj.weight.flatten(2), self.kernel_proj.bias)
         values = self.x_proj(x)
-        return self.proj(dynamic_depthwise_conv(values, self._kernels(pooled)))
+        return self.proj(dynamic_depthwise_conv(values, self._kernels(pooled, tap_dim=-1), self.impl))
 
     def _forward_tokens(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
         h, w = self.grid_size
         if n != h * w:
             raise ValueError(f"ATConv expected {h}x{w}={h * w} tokens, got {n}; set grid_size to the token grid.")
-        pool = pooling_matrix(h, w, self.kernel_size, self.kernel_pool, x.device, x.dtype)
-        pooled = self.kernel_proj(pool @ x).transpose(1, 2)                  # (B, C, k^2)
-        values = self.x_proj(x).transpose(1, 2).reshape(b, c, h, w)
-        out = dynamic_depthwise_conv(values, self._kernels(pooled))
-        return self.proj(out.flatten(2).transpose(1, 2))
+        grid = x.reshape(b, h, w, c).permute(0, 3, 1, 2)                     # channels-last view, no copy
+        pooled = pool_features(grid, self.kernel_size, self.kernel_pool).transpose(1, 2)   # pool first
+        kernels = self._kernels(self.kernel_proj(pooled), tap_dim=1)         # tap-major (B, k^2, C) inside
+        values = self.x_proj(x).view(b, h, w, c).permute(0, 3, 1, 2)
+        out = dynamic_depthwise_conv(values, kernels, self.impl)
+        return self.proj(out.permute(0, 2, 3, 1).reshape(b, n, c))          # a view unless the conv was grouped
