@@ -1,0 +1,121 @@
+"""Shared benchmark plumbing: interleaved timing, saved-activation bytes, tables, environment, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings are real (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int,
+                     device: torch.device, clock: str = "wall") -> dict[str, list[float]]:
+    """Seconds per call for each fn, measured round-robin (rotating order) so load noise hits all alike.
+
+    clock="cpu" counts this process's CPU time (all threads): on a shared CPU it ignores the time other
+    processes hold the cores — with one thread the steadiest measure of the work itself.
+    """
+    now = CLOCKS[clock]
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            start = now()
+            fns[name]()
+            synchronize(device)
+            times[name].append(now() - start)
+    return times
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """Median, min, and the interquartile spread, in milliseconds."""
+    ms = sorted(s * 1e3 for s in samples)
+    q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    return {"median_ms": statistics.median(ms), "min_ms": ms[0], "p25_ms": q[0], "p75_ms": q[2], "reps": len(ms)}
+
+
+def saved_activation_bytes(step: Callable[[], torch.Tensor], params: list[nn.Parameter]) -> int:
+    """Bytes of distinct tensor storages autograd saves for backward during `step()` (parameters excluded).
+
+    CPU stand-in for peak memory: it counts what the forward keeps alive for the backward.
+    """
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step()
+    del out
+    return sum(seen.values())
+
+
+def peak_cuda_bytes(step: Callable[[], Any], device: torch.device) -> int | None:
+    """torch.cuda peak allocated bytes during one call (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": str(device),
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Markdown table of `columns` from row dicts (floats to 3 significant-ish digits)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    """Write the results (with the command line and environment) when --out is given."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
