@@ -101,3 +101,11 @@ def test_two_process_training_keeps_ranks_identical(tmp_path):
     assert result["world"] == 2
     live = [r["live"] for r in result["ranks"]]
     assert live[0] == live[1] and result["ranks"][0]["saved"] == live[0]
+
+
+def test_digits_loss_falls_and_metrics_are_logged(tmp_path):
+    run = train(_cfg(tmp_path, "learn", "optim.max_steps=60", "log.ckpt_every=60", "log.log_every=10",
+                     "optim.lr=4e-3"))
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < 0.6 * losses[0]
+    assert (run / "config.yaml").is_file()
