@@ -128,8 +128,8 @@ def per_image_randn(gens: list[torch.Generator], shape: Sequence[int], device, d
     return torch.stack([torch.randn(tuple(shape), generator=g, device=device, dtype=dtype) for g in gens])
 
 
-def make_sample_fn(transport, opts: SamplingOptions, noise_fn: Callable[[Tensor], Tensor] | None = None,
-                   progress=None) -> Callable[..., Tensor]:
+def make_sample_fn(transport, opts: SamplingOptions,
+                   noise_fn: Callable[[Tensor], Tensor] | None = None) -> Callable[..., Tensor]:
     """The transport sampler for resolved `opts`: fn(z, model, **model_kwargs) -> trajectory."""
     sampler = Sampler(transport)
     if opts.mode == "ode":
