@@ -194,10 +194,12 @@ def test_pooling_matrix_traces_under_fullgraph_compile():
 
 def test_auto_impl_choice():
     """Eager: per-sample loop, grouped conv on tiny maps; compiling token layout: shift-and-add."""
-    tokens, image = _values(1, 4, 5, 5, channels_last=True), _values(1, 4, 5, 5, channels_last=False)
+    tokens, image = _values(1, 256, 5, 5, channels_last=True), _values(1, 256, 5, 5, channels_last=False)
     assert resolve_impl("auto", tokens) == "per_sample" and resolve_impl("auto", image) == "grouped"
-    assert resolve_impl("auto", _values(1, 4, 4, 4, channels_last=True)) == "grouped"
-    assert resolve_impl("auto", _values(1, 4, 16, 16, channels_last=False)) == "per_sample"
+    assert resolve_impl("auto", _values(1, 256, 4, 4, channels_last=True)) == "grouped"
+    assert resolve_impl("auto", _values(1, 64, 8, 8, channels_last=True)) == "grouped"  # <= 4096 values
+    assert resolve_impl("auto", _values(1, 65, 8, 8, channels_last=True)) == "per_sample"
+    assert resolve_impl("auto", _values(1, 32, 16, 16, channels_last=False)) == "per_sample"
     torch._dynamo.reset()
 
     def picks_shift(v):
