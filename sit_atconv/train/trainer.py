@@ -7,7 +7,6 @@ never stopped (same world size).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -18,8 +17,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, config_to_dict, save_config
-from ..data import MirroredByIndex, build_autoencoder, build_dataset
-from ..sampling import SamplingOptions, build_model, build_transport, class_grid_labels, generate, save_grid
+from ..data import MirroredByIndex, build_dataset
+from ..sampling import (
+    SamplingOptions,
+    autoencoder_for,
+    build_model,
+    build_transport,
+    class_grid_labels,
+    generate,
+    save_grid,
+)
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint
 from .data_order import ResumableBatchSampler
 from .ema import create_ema, update_ema
@@ -89,7 +96,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator | None = None) -> Path:
     resume_from = find_resume_checkpoint(cfg, run_dir)
 
     torch.manual_seed(o.seed)
-    autoencoder = build_autoencoder(cfg.data).to(device).eval()
+    autoencoder = autoencoder_for(cfg, device)
     dataset = build_dataset(cfg.data, cfg.model, autoencoder)
     if cfg.data.random_flip:  # flips chosen by the (seeded, resumable) index order, not by worker RNGs
         dataset = MirroredByIndex(dataset)
@@ -188,8 +195,6 @@ def train(cfg: TrainConfig, accelerator: Accelerator | None = None) -> Path:
             preview(done)
     bar.close()
     tracker.close()
-    with contextlib.suppress(Exception):
-        accelerator.end_training()
     if start_step >= o.max_steps:
         accelerator.print(f"{run_dir} is already at step {start_step} (max_steps {o.max_steps}); nothing to do. "
                           "Raise --max-steps to train longer.")
