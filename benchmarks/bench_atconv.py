@@ -6,8 +6,9 @@ Run from the repository root, e.g.::
     python benchmarks/bench_atconv.py --device cuda --dtype bf16            # on a GPU
 
 Timings are interleaved round-robin (see `common.time_interleaved`); ratios are of medians in the
-same run. Memory: CUDA peak allocated bytes on a GPU; on CPU the bytes of distinct activations
-autograd saves for backward (parameters excluded), measured in eager mode.
+same run; a second table gives the median of per-repetition (paired) ratios with their spread.
+Memory: CUDA peak allocated bytes on a GPU; on CPU the bytes of distinct activations autograd saves
+for backward (parameters excluded), measured in eager mode.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from common import (
     DTYPES,
     environment,
     format_table,
+    paired_ratio,
     peak_cuda_bytes,
     saved_activation_bytes,
     summarize,
@@ -116,6 +118,7 @@ def _rows(section: str, label: dict[str, Any], mode: str, times: dict[str, list[
             key = base + "+compile" if compiled and base + "+compile" in stats else base
             if key in stats and key != name:
                 row[f"x_{base}"] = s["median_ms"] / stats[key]["median_ms"]
+                row[f"x_{base}_paired"] = paired_ratio(times[name], times[key])
         rows.append(row)
     return rows
 
@@ -240,6 +243,13 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
             cols = keys + ["candidate", "median_ms", "min_ms", "p25_ms", "p75_ms"] + ratios + ["MiB"]
             print(f"\n### {section} — {mode}\n")
             print(format_table(sel, cols))
+            for r in sel:
+                for b in BASELINES[section]:
+                    if f"x_{b}_paired" in r:
+                        q = r[f"x_{b}_paired"]
+                        r[f"paired x_{b}"] = f"{q['median']:.3g} ({q['p25']:.3g}-{q['p75']:.3g})"
+            print(f"\nPaired ratios (median of per-repetition ratios, p25-p75), {section} — {mode}:\n")
+            print(format_table(sel, keys + ["candidate"] + [f"paired {c}" for c in ratios]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,18 @@ def summarize(samples: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "min_ms": ms[0], "p25_ms": q[0], "p75_ms": q[2], "reps": len(ms)}
 
 
+def paired_ratio(samples: list[float], baseline: list[float]) -> dict[str, float]:
+    """Median and interquartile range of per-repetition ratios sample[r] / baseline[r].
+
+    The two calls of one repetition run back to back, so slow drifts of a shared machine (other
+    jobs' memory traffic, clock changes) mostly cancel in each ratio: a steadier estimate than the
+    ratio of medians when the load changes during a run.
+    """
+    ratios = [s / b for s, b in zip(samples, baseline, strict=True)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "p25": q[0], "p75": q[2]}
+
+
 def saved_activation_bytes(step: Callable[[], torch.Tensor], params: list[nn.Parameter]) -> int:
     """Bytes of distinct tensor storages autograd saves for backward during `step()` (parameters excluded).
 

@@ -207,3 +207,39 @@ def test_auto_impl_choice():
 
     compiled = torch.compile(picks_shift, backend="eager", fullgraph=True)
     assert compiled(tokens).item() == 1.0 and compiled(image).item() == 0.0
+
+
+@pytest.mark.parametrize("kernel_pool", ["sequence", "grid"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_pool_and_project_passes_gradcheck(kernel_pool, bias):
+    from sit_atconv.layers.atconv import _PoolAndProject
+    torch.manual_seed(8)
+    h, w, c = 5, 7, 4
+    x = torch.randn(2, h * w, c, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, c, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (x, weight, b) if bias else (x, weight)
+
+    def fn(x, weight, b=None):
+        return _PoolAndProject.apply(x, weight, b, (h, w), 3, kernel_pool)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_fused_pool_and_project_partial_grads_and_strided_input():
+    """Only x (frozen weights) or only the weights (input without grad); a non-contiguous token tensor."""
+    torch.manual_seed(9)
+    module = _randomise(ATConv(6, 3, layout="tokens", grid_size=(4, 5), act="gelu_tanh"))
+    base = torch.randn(20, 2, 6, dtype=torch.float64)
+    module.double()
+    for freeze in (True, False):
+        for p in module.parameters():
+            p.requires_grad_(not freeze)
+        x = base.transpose(0, 1).requires_grad_(freeze)                 # (2, 20, 6), not contiguous
+        x_ref = x.detach().contiguous().requires_grad_(freeze)
+        wanted = [x] if freeze else list(module.parameters())
+        wanted_ref = [x_ref] if freeze else list(module.parameters())
+        grads = torch.autograd.grad(module(x).square().sum(), wanted)
+        ref_grads = torch.autograd.grad(atconv_reference(module, x_ref, conv="loop").square().sum(), wanted_ref)
+        for g, g_ref in zip(grads, ref_grads):
+            assert torch.allclose(g, g_ref, atol=1e-10)

@@ -112,6 +112,62 @@ def lateral_inhibition(kernels: Tensor, difference_control: Tensor, tap_dim: int
     return kernels - factor * kernels.mean(dim=tap_dim, keepdim=True)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run a linear layer in (x's own dtype outside autocast)."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+class _PoolAndProject(torch.autograd.Function):
+    """Token layout, eager: ``(pool_features(x), x_proj(x))`` with one fused input gradient.
+
+    Both consumers of x send it a gradient; autograd would materialise the pooling backward
+    (a zero fill plus a scatter), the x_proj input-gradient, and their sum: three passes over a
+    (B, N, C) tensor. Here the pooled gradient is spread with one small product (P^T @ g, which
+    writes grad_x once) and x_proj's input-gradient GEMM accumulates into it in place (beta = 1).
+    Weight and bias gradients are the usual linear ones. Runs in the autocast dtype, if any.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, grid_size: tuple[int, int],
+                kernel_size: int, mode: str) -> tuple[Tensor, Tensor]:
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc, wc = x.to(dtype), weight.to(dtype)
+            b, n, c = xc.shape
+            h, w = grid_size
+            grid = xc.reshape(b, h, w, c).permute(0, 3, 1, 2)              # channels-last view
+            pooled = pool_features(grid, kernel_size, mode).transpose(1, 2)  # (B, k^2, C)
+            values = F.linear(xc, wc, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(xc, wc)
+        ctx.geometry = (h, w, kernel_size, mode)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return pooled, values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_pooled: Tensor | None, grad_values: Tensor | None):
+        xc, wc = ctx.saved_tensors
+        b, n, c = xc.shape
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_values = torch.zeros_like(xc) if grad_values is None else grad_values.to(xc.dtype)
+        rows = grad_values.reshape(b * n, c)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            if grad_pooled is None:
+                grad_x = (rows @ wc).view(b, n, c)
+            else:
+                pool = pooling_matrix(*ctx.geometry, device=xc.device, dtype=xc.dtype)   # (k^2, N)
+                grad_x = torch.matmul(pool.t(), grad_pooled.to(xc.dtype))            # (B, N, C), one write
+                grad_x.view(b * n, c).addmm_(rows, wc)
+            grad_x = grad_x.to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (rows.t() @ xc.reshape(b * n, c)).to(w_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
 class ATConv(nn.Module):
     """ATConv token mixer (SPEC §1) with the reference's parameter names.
 
@@ -183,9 +239,14 @@ class ATConv(nn.Module):
         h, w = self.grid_size
         if n != h * w:
             raise ValueError(f"ATConv expected {h}x{w}={h * w} tokens, got {n}; set grid_size to the token grid.")
-        grid = x.reshape(b, h, w, c).permute(0, 3, 1, 2)                     # channels-last view, no copy
-        pooled = pool_features(grid, self.kernel_size, self.kernel_pool).transpose(1, 2)   # pool first
+        if torch.compiler.is_compiling():                                    # plain ops: inductor fuses them
+            grid = x.reshape(b, h, w, c).permute(0, 3, 1, 2)                 # channels-last view, no copy
+            pooled = pool_features(grid, self.kernel_size, self.kernel_pool).transpose(1, 2)   # pool first
+            values = self.x_proj(x)
+        else:                                                                # same values, fused input gradient
+            pooled, values = _PoolAndProject.apply(x, self.x_proj.weight, self.x_proj.bias, (h, w),
+                                                   self.kernel_size, self.kernel_pool)
         kernels = self._kernels(self.kernel_proj(pooled), tap_dim=1)         # tap-major (B, k^2, C) inside
-        values = self.x_proj(x).view(b, h, w, c).permute(0, 3, 1, 2)
+        values = values.view(b, h, w, c).permute(0, 3, 1, 2)
         out = dynamic_depthwise_conv(values, kernels, self.impl)
         return self.proj(out.permute(0, 2, 3, 1).reshape(b, n, c))          # a view unless the conv was grouped
