@@ -182,6 +182,9 @@ class ATConv(nn.Module):
             in eager, grouped conv on tiny maps, fused shift-and-add while torch.compile traces the
             tokens layout), "per_sample", "shift", or "grouped" (the reference's grouped conv).
             A plain attribute: switch it at any time; every choice computes the same function.
+
+    In eager mode the tokens layout applies x_proj through its parameters (`_PoolAndProject`, for
+    the fused input gradient), so forward hooks registered on ``x_proj`` itself do not run.
     """
 
     def __init__(self, dim: int, kernel_size: int = 3, layout: Layout = "image",
