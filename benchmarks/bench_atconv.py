@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from common import (
     DTYPES,
+    count_flops,
     environment,
     format_table,
     paired_ratio,
     peak_cuda_bytes,
+    peak_tflops,
     saved_activation_bytes,
     summarize,
     time_interleaved,
@@ -61,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or autocast to bf16/fp16")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak TFLOP/s for MFU (default: known GPUs' dense peak for --dtype; none on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write results as JSON here")
     args = p.parse_args(argv)
@@ -209,9 +213,26 @@ def bench_train(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                 memory = {}
                 if mode == "fwdbwd":
                     memory = {k: _memory_train(m, x1, y, autocast, device) for k, m in models.items()}
-                rows += _rows("train", {"model": name, "N": n, "batch": args.train_batch}, mode, times, memory)
+                new_rows = _rows("train", {"model": name, "N": n, "batch": args.train_batch}, mode, times, memory)
+                _add_utilisation(new_rows, models, x1, y, autocast, peak_tflops(device, args.dtype, args.peak_tflops))
+                rows += new_rows
                 print(f"  train {name} N={n} {mode}: done", file=sys.stderr, flush=True)
     return rows
+
+
+def _add_utilisation(rows: list[dict[str, Any]], models: dict[str, nn.Module], x1: Tensor, y: Tensor, autocast,
+                     peak: float | None) -> None:
+    """Model FLOPs of one fwd+bwd (counted on the eager model), achieved TFLOP/s, and MFU when the peak is known.
+
+    MFU = model FLOPs / step time / peak; a full step's AdamW update is not counted as model FLOPs.
+    """
+    flops = {k: count_flops(lambda m=m: flow_matching_loss(m, x1, y, autocast).backward()) for k, m in models.items()}
+    for row in rows:
+        f = flops[row["candidate"].removesuffix("+compile")]
+        row["model_gflop"] = f / 1e9
+        row["tflops_per_s"] = f / (row["median_ms"] / 1e3) / 1e12
+        if peak:
+            row["mfu"] = row["tflops_per_s"] / peak
 
 
 def _train_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer | None,
@@ -241,6 +262,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
                 r["MiB"] = None if r.get("memory_bytes") is None else r["memory_bytes"] / 2**20
             ratios = [f"x_{b}" for b in BASELINES[section] if any(f"x_{b}" in r for r in sel)]
             cols = keys + ["candidate", "median_ms", "min_ms", "p25_ms", "p75_ms"] + ratios + ["MiB"]
+            cols += [c for c in ("model_gflop", "tflops_per_s", "mfu") if any(c in r for r in sel)]
             print(f"\n### {section} — {mode}\n")
             print(format_table(sel, cols))
             for r in sel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -67,6 +68,54 @@ def paired_ratio(samples: list[float], baseline: list[float]) -> dict[str, float
     ratios = [s / b for s, b in zip(samples, baseline, strict=True)]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {"median": statistics.median(ratios), "p25": q[0], "p75": q[2]}
+
+
+# Dense peak TFLOP/s by GPU name and dtype (vendor data sheets; SXM parts for H100/H200). fp32 means
+# TF32 tensor cores. Use --peak-tflops for other devices or PCIe parts.
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.7},
+               "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.7},
+               "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}}
+
+
+def peak_tflops(device: torch.device, dtype: str, override: float | None) -> float | None:
+    """The device's dense peak for `dtype` (override first); None when unknown (e.g. CPUs)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((table[dtype] for key, table in PEAK_TFLOPS.items() if key in name), None)
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                         output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Grouped-conv-aware count for aten.convolution_backward (torch's formula ignores groups and
+    overcounts depthwise convs by a factor of the channel count): each requested gradient costs one
+    forward conv, 2 * batch * prod(weight shape) * output positions (weight shape has C_in / groups)."""
+    forward = 2 * grad_out_shape[0] * math.prod(w_shape) * math.prod(grad_out_shape[2:])
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """(n, k) @ (k, m): 2 * n * k * m."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def count_flops(step: Callable[[], Any]) -> int:
+    """FLOPs of one call (matmuls, convolutions, attention), counted by torch's FlopCounterMode.
+
+    Attention runs on the math backend while counting, so its products are counted on every device
+    (the CPU flash kernel has no registered formula); depthwise-conv backward uses
+    `_conv_backward_flops`. Run it on the eager model: the same math as compiled.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # In-place addmm_ (ATConv's fused input gradient accumulates into a buffer) has no formula of its own.
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops, torch.ops.aten.addmm_: _addmm_flops}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        step()
+    return counter.get_total_flops()
 
 
 def saved_activation_bytes(step: Callable[[], torch.Tensor], params: list[nn.Parameter]) -> int:

@@ -17,6 +17,7 @@ two C x C products of x_proj and proj plus k^2 multiply-adds per channel.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Literal
 
@@ -113,9 +114,19 @@ def lateral_inhibition(kernels: Tensor, difference_control: Tensor, tap_dim: int
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype autocast would run a linear layer in (x's own dtype outside autocast)."""
+    """The dtype autocast would run a linear layer in (x's own dtype outside autocast, or on devices
+    without autocast, such as meta)."""
     device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _autocast_off(device_type: str):
+    """A context with autocast disabled (a no-op where the device has no autocast)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _PoolAndProject(torch.autograd.Function):
@@ -132,7 +143,7 @@ class _PoolAndProject(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, grid_size: tuple[int, int],
                 kernel_size: int, mode: str) -> tuple[Tensor, Tensor]:
         dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             xc, wc = x.to(dtype), weight.to(dtype)
             b, n, c = xc.shape
             h, w = grid_size

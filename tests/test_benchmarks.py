@@ -1,0 +1,60 @@
+"""The benchmark scripts' own arithmetic (FLOP counts, paired ratios) and a tiny end-to-end run."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_atconv  # noqa: E402
+from common import count_flops, paired_ratio  # noqa: E402
+
+
+def test_depthwise_conv_backward_flops_count_groups():
+    """torch's own formula ignores groups; ours: each gradient costs one forward conv."""
+    b, c, h, w, k = 2, 6, 5, 7, 3
+    x = torch.randn(b, c, h, w, requires_grad=True)
+    weight = torch.randn(c, 1, k, k, requires_grad=True)
+    forward = 2 * b * c * k * k * h * w
+    assert count_flops(lambda: F.conv2d(x, weight, padding=1, groups=c).sum()) == forward
+    assert count_flops(lambda: F.conv2d(x, weight, padding=1, groups=c).sum().backward()) == 3 * forward
+    x.requires_grad_(False)
+    assert count_flops(lambda: F.conv2d(x, weight, padding=1, groups=c).sum().backward()) == 2 * forward
+
+
+def test_inplace_addmm_and_attention_are_counted():
+    a, b, acc = torch.randn(4, 5), torch.randn(5, 3), torch.zeros(4, 3)
+    assert count_flops(lambda: acc.addmm_(a, b)) == 2 * 4 * 5 * 3
+    q = torch.randn(2, 3, 16, 8, requires_grad=True)
+    attention = 2 * 2 * (2 * 3 * 16 * 16 * 8)                    # q k^T and p v, forward
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, q, q).sum().backward()) == 3 * attention
+
+
+def test_paired_ratio_is_the_median_of_per_repetition_ratios():
+    out = paired_ratio([2.0, 4.0, 9.0, 3.0, 5.0], [1.0, 2.0, 3.0, 3.0, 5.0])
+    assert out["median"] == pytest.approx(2.0)                  # ratios 2, 2, 3, 1, 1
+    assert out["p25"] <= out["median"] <= out["p75"]
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_bench_atconv_runs_end_to_end_on_tiny_shapes(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench_atconv.main(["--sections", "mixer,block,train", "--widths", "S", "--block-widths", "S", "--tokens", "16",
+                       "--batch", "1", "--train-batch", "1", "--modes", "fwdbwd", "--train-modes", "fwdbwd",
+                       "--reps", "2", "--warmup", "0", "--compile", "", "--threads", "1", "--peak-tflops", "1",
+                       "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    by = {(r["section"], r["candidate"]): r for r in rows}
+    assert {"atconv", "reference", "attention", "floor"} <= {c for s, c in by if s == "mixer"}
+    mixer = by["mixer", "atconv"]
+    assert mixer["x_floor"] > 0 and 0 < mixer["x_floor_paired"]["median"]
+    train = by["train", "atconv"]
+    # pool-first ATConv does fewer FLOPs than the reference order (kernel_proj on k^2 rows, not N tokens)
+    assert 0 < train["model_gflop"] < by["train", "atconv[reference]"]["model_gflop"]
+    assert train["mfu"] == pytest.approx(train["tflops_per_s"])
+    assert "Paired ratios" in capsys.readouterr().out
