@@ -209,6 +209,19 @@ def test_auto_impl_choice():
     assert compiled(tokens).item() == 1.0 and compiled(image).item() == 0.0
 
 
+def test_auto_impl_on_a_gpu_is_the_one_launch_grouped_conv():
+    class OnGpu:  # the attributes resolve_impl reads, on a device this machine lacks
+        def __init__(self, t):
+            self.t, self.shape, self.device = t, t.shape, torch.device("cuda")
+
+        def is_contiguous(self, memory_format=torch.contiguous_format):
+            return self.t.is_contiguous(memory_format=memory_format)
+
+    for channels_last in (True, False):
+        assert resolve_impl("auto", OnGpu(_values(8, 256, 16, 16, channels_last))) == "grouped"
+    assert resolve_impl("per_sample", OnGpu(_values(8, 256, 16, 16, True))) == "per_sample"
+
+
 @pytest.mark.parametrize("kernel_pool", ["sequence", "grid"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_pool_and_project_passes_gradcheck(kernel_pool, bias):

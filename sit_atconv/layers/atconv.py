@@ -190,8 +190,9 @@ class ATConv(nn.Module):
         act: "gelu" (exact, AttNet) or "gelu_tanh" (SiT) applied to the pooled kernels.
         kernel_pool: "sequence" (paper: raster stripes) or "grid" (k x k spatial cells).
         impl: depthwise-conv implementation (`depthwise.py`): "auto" (per-sample custom-backward conv
-            in eager, grouped conv on tiny maps, fused shift-and-add while torch.compile traces the
-            tokens layout), "per_sample", "shift", or "grouped" (the reference's grouped conv).
+            in eager on CPU, grouped conv on tiny maps and in eager on GPUs, fused shift-and-add while
+            torch.compile traces the tokens layout), "per_sample", "shift", or "grouped" (the
+            reference's grouped conv).
             A plain attribute: switch it at any time; every choice computes the same function.
 
     In eager mode the tokens layout applies x_proj through its parameters (`_PoolAndProject`, for

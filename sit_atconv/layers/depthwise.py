@@ -15,7 +15,8 @@ Every function maps values (B, C, H, W) — any memory format — and kernels (B
   passes), but under ``torch.compile`` each direction fuses into one loop over the tokens.
 
 ``auto`` (the default, see `resolve_impl`) picks ``shift`` while torch.compile traces token-layout
-values, ``grouped`` for tiny maps, and ``per_sample`` otherwise. On 2 CPU cores ``shift`` and
+values, ``grouped`` for tiny maps and in eager mode on GPUs (a per-sample loop there would launch
+B kernels per direction), and ``per_sample`` otherwise. On 2 CPU cores ``shift`` and
 ``per_sample`` tie under inductor; on 16x16 token grids the grouped conv is 3-4x slower.
 """
 
@@ -147,9 +148,10 @@ _GROUPED_MAX_ELEMENTS = 4096
 
 def resolve_impl(impl: str, values: Tensor) -> str:
     """Resolve 'auto': 'shift' while torch.compile traces token-layout (channels-last) values — it fuses
-    into C-contiguous loops there; 'grouped' for tiny maps (a 4x4 token grid, NCHW maps up to 14x14,
-    or at most 4096 values per sample);
-    'per_sample' otherwise, the fastest eager path."""
+    into C-contiguous loops there; in eager mode on accelerators 'grouped' (one kernel launch instead
+    of B; a design choice not yet timed on a GPU); on CPU 'grouped' for tiny maps (a 4x4 token grid,
+    NCHW maps up to 14x14, or at most 4096 values per sample) and 'per_sample' otherwise, the fastest
+    eager CPU path."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not supported; use one of {IMPLS}.")
     if impl != "auto":
@@ -157,6 +159,8 @@ def resolve_impl(impl: str, values: Tensor) -> str:
     fmt = _memory_format(values)
     if torch.compiler.is_compiling() and fmt == torch.channels_last:
         return "shift"
+    if values.device.type not in ("cpu", "meta"):
+        return "grouped"
     c, h, w = values.shape[1:]
     tiny = h * w <= _GROUPED_MAX_POSITIONS[fmt] or c * h * w <= _GROUPED_MAX_ELEMENTS
     return "grouped" if tiny else "per_sample"
