@@ -223,12 +223,12 @@ def test_auto_impl_on_a_gpu_is_the_one_launch_grouped_conv():
 
 
 @pytest.mark.parametrize("kernel_pool", ["sequence", "grid"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_fused_pool_and_project_passes_gradcheck(kernel_pool, bias):
+@pytest.mark.parametrize("bias,batch", [(True, 2), (False, 2), (True, 1)])
+def test_fused_pool_and_project_passes_gradcheck(kernel_pool, bias, batch):
     from sit_atconv.layers.atconv import _PoolAndProject
     torch.manual_seed(8)
     h, w, c = 5, 7, 4
-    x = torch.randn(2, h * w, c, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, h * w, c, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(c, c, dtype=torch.float64, requires_grad=True)
     b = torch.randn(c, dtype=torch.float64, requires_grad=True) if bias else None
     inputs = (x, weight, b) if bias else (x, weight)

@@ -169,7 +169,8 @@ class _PoolAndProject(torch.autograd.Function):
                 grad_x = (rows @ wc).view(b, n, c)
             else:
                 pool = pooling_matrix(*ctx.geometry, device=xc.device, dtype=xc.dtype)   # (k^2, N)
-                grad_x = torch.matmul(pool.t(), grad_pooled.to(xc.dtype))            # (B, N, C), one write
+                spread = pool.t().expand(b, n, pool.shape[0])                        # (B, N, k^2), no copy
+                grad_x = torch.bmm(spread, grad_pooled.to(xc.dtype))                 # (B, N, C), one write
                 grad_x.view(b * n, c).addmm_(rows, wc)
             grad_x = grad_x.to(x_dtype)
         if ctx.needs_input_grad[1]:
