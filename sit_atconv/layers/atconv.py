@@ -130,7 +130,7 @@ def _autocast_off(device_type: str):
 
 
 class _PoolAndProject(torch.autograd.Function):
-    """Token layout, eager: ``(pool_features(x), x_proj(x))`` with one fused input gradient.
+    """Token layout: ``(pool_features(x), x_proj(x))`` with one fused input gradient.
 
     Both consumers of x send it a gradient; autograd would materialise the pooling backward
     (a zero fill plus a scatter), the x_proj input-gradient, and their sum: three passes over a
@@ -196,8 +196,8 @@ class ATConv(nn.Module):
             reference's grouped conv).
             A plain attribute: switch it at any time; every choice computes the same function.
 
-    In eager mode the tokens layout applies x_proj through its parameters (`_PoolAndProject`, for
-    the fused input gradient), so forward hooks registered on ``x_proj`` itself do not run.
+    The tokens layout applies x_proj through its parameters (`_PoolAndProject`, for the fused input
+    gradient), so forward hooks registered on ``x_proj`` itself do not run.
     """
 
     def __init__(self, dim: int, kernel_size: int = 3, layout: Layout = "image",
@@ -255,13 +255,10 @@ class ATConv(nn.Module):
         h, w = self.grid_size
         if n != h * w:
             raise ValueError(f"ATConv expected {h}x{w}={h * w} tokens, got {n}; set grid_size to the token grid.")
-        if torch.compiler.is_compiling():                                    # plain ops: inductor fuses them
-            grid = x.reshape(b, h, w, c).permute(0, 3, 1, 2)                 # channels-last view, no copy
-            pooled = pool_features(grid, self.kernel_size, self.kernel_pool).transpose(1, 2)   # pool first
-            values = self.x_proj(x)
-        else:                                                                # same values, fused input gradient
-            pooled, values = _PoolAndProject.apply(x, self.x_proj.weight, self.x_proj.bias, (h, w),
-                                                   self.kernel_size, self.kernel_pool)
+        # pool first, and x_proj, with one fused input gradient (also under torch.compile, which keeps
+        # the GEMMs as library calls and so could not fuse the gradient sum itself)
+        pooled, values = _PoolAndProject.apply(x, self.x_proj.weight, self.x_proj.bias, (h, w),
+                                               self.kernel_size, self.kernel_pool)
         kernels = self._kernels(self.kernel_proj(pooled), tap_dim=1)         # tap-major (B, k^2, C) inside
         values = values.view(b, h, w, c).permute(0, 3, 1, 2)
         out = dynamic_depthwise_conv(values, kernels, self.impl)
