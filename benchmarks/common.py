@@ -70,21 +70,21 @@ def paired_ratio(samples: list[float], baseline: list[float]) -> dict[str, float
     return {"median": statistics.median(ratios), "p25": q[0], "p75": q[2]}
 
 
-# Dense peak TFLOP/s by GPU name and dtype (vendor data sheets; SXM parts for H100/H200). fp32 means
-# TF32 tensor cores. Use --peak-tflops for other devices or PCIe parts.
-PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.7},
-               "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.7},
-               "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}}
+# Dense bf16/fp16 tensor-core peak TFLOP/s of SXM parts by device-name fragment (vendor data sheets).
+# PCIe/NVL variants have lower peaks, and fp32 depends on the TF32 setting: pass --peak-tflops for those.
+PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def peak_tflops(device: torch.device, dtype: str, override: float | None) -> float | None:
-    """The device's dense peak for `dtype` (override first); None when unknown (e.g. CPUs)."""
+    """The device's dense peak for `dtype` (override first); None when unknown (CPUs, fp32, PCIe/NVL)."""
     if override:
         return override
-    if device.type != "cuda":
+    if device.type != "cuda" or dtype not in ("bf16", "fp16"):
         return None
     name = torch.cuda.get_device_name(device)
-    return next((table[dtype] for key, table in PEAK_TFLOPS.items() if key in name), None)
+    if "PCIe" in name or "NVL" in name:
+        return None
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
 def _conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,

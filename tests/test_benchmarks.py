@@ -58,3 +58,14 @@ def test_bench_atconv_runs_end_to_end_on_tiny_shapes(tmp_path, capsys):
     assert 0 < train["model_gflop"] < by["train", "atconv[reference]"]["model_gflop"]
     assert train["mfu"] == pytest.approx(train["tflops_per_s"])
     assert "Paired ratios" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,dtype,expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H200", "fp16", 989.0), ("NVIDIA H100 PCIe", "bf16", None),
+    ("NVIDIA H200", "fp32", None), ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("Tesla T4", "bf16", None)])
+def test_peak_tflops_by_device_name(monkeypatch, name, dtype, expected):
+    from common import peak_tflops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_tflops(torch.device("cuda"), dtype, None) == expected
+    assert peak_tflops(torch.device("cuda"), dtype, 123.0) == 123.0
+    assert peak_tflops(torch.device("cpu"), "bf16", None) is None
