@@ -203,6 +203,8 @@ def bench_train(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                 runs.update(_compiled(models, list(models), fullgraph=False))
             x1 = torch.randn(args.train_batch, 4, input_size, input_size, device=device)
             y = torch.randint(0, 1000, (args.train_batch,), device=device)
+            flops = {k: _train_flops(m, x1, y, autocast) for k, m in models.items()}
+            peak = peak_tflops(device, args.dtype, args.peak_tflops)
             for mode in args.train_modes:
                 fns = {}
                 for key, model in runs.items():
@@ -214,19 +216,22 @@ def bench_train(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                 if mode == "fwdbwd":
                     memory = {k: _memory_train(m, x1, y, autocast, device) for k, m in models.items()}
                 new_rows = _rows("train", {"model": name, "N": n, "batch": args.train_batch}, mode, times, memory)
-                _add_utilisation(new_rows, models, x1, y, autocast, peak_tflops(device, args.dtype, args.peak_tflops))
+                _add_utilisation(new_rows, flops, peak)
                 rows += new_rows
                 print(f"  train {name} N={n} {mode}: done", file=sys.stderr, flush=True)
     return rows
 
 
-def _add_utilisation(rows: list[dict[str, Any]], models: dict[str, nn.Module], x1: Tensor, y: Tensor, autocast,
-                     peak: float | None) -> None:
+def _train_flops(model: nn.Module, x1: Tensor, y: Tensor, autocast) -> int:
+    """FLOPs of one loss + backward of `model` (eager)."""
+    return count_flops(lambda: flow_matching_loss(model, x1, y, autocast).backward())
+
+
+def _add_utilisation(rows: list[dict[str, Any]], flops: dict[str, int], peak: float | None) -> None:
     """Model FLOPs of one fwd+bwd (counted on the eager model), achieved TFLOP/s, and MFU when the peak is known.
 
     MFU = model FLOPs / step time / peak; a full step's AdamW update is not counted as model FLOPs.
     """
-    flops = {k: count_flops(lambda m=m: flow_matching_loss(m, x1, y, autocast).backward()) for k, m in models.items()}
     for row in rows:
         f = flops[row["candidate"].removesuffix("+compile")]
         row["model_gflop"] = f / 1e9
@@ -257,7 +262,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
     for section in SECTIONS:
         keys = ["width", "N", "C"] if section != "train" else ["model", "N", "batch"]
         for mode in dict.fromkeys(r["mode"] for r in rows if r["section"] == section):
-            sel = [r for r in rows if r["section"] == section and r["mode"] == mode]
+            sel = [dict(r) for r in rows if r["section"] == section and r["mode"] == mode]  # display copies
             for r in sel:
                 r["MiB"] = None if r.get("memory_bytes") is None else r["memory_bytes"] / 2**20
             ratios = [f"x_{b}" for b in BASELINES[section] if any(f"x_{b}" in r for r in sel)]

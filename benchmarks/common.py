@@ -51,10 +51,15 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int,
     return times
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """p25, p50, p75 (the single value three times when there is only one)."""
+    return statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+
+
 def summarize(samples: list[float]) -> dict[str, float]:
     """Median, min, and the interquartile spread, in milliseconds."""
     ms = sorted(s * 1e3 for s in samples)
-    q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    q = _quartiles(ms)
     return {"median_ms": statistics.median(ms), "min_ms": ms[0], "p25_ms": q[0], "p75_ms": q[2], "reps": len(ms)}
 
 
@@ -66,7 +71,7 @@ def paired_ratio(samples: list[float], baseline: list[float]) -> dict[str, float
     ratio of medians when the load changes during a run.
     """
     ratios = [s / b for s, b in zip(samples, baseline, strict=True)]
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    q = _quartiles(ratios)
     return {"median": statistics.median(ratios), "p25": q[0], "p75": q[2]}
 
 
