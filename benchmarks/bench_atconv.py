@@ -128,7 +128,10 @@ def _rows(section: str, label: dict[str, Any], mode: str, times: dict[str, list[
 
 
 def _compiled(modules: dict[str, nn.Module], names: list[str], fullgraph: bool) -> dict[str, nn.Module]:
-    return {f"{n}+compile": torch.compile(modules[n], fullgraph=fullgraph) for n in names if n in modules}
+    """torch.compile (inductor) copies of `names`, with static shapes: modules of one class share their
+    code, so without dynamic=False the second width or model would be compiled for symbolic sizes."""
+    return {f"{n}+compile": torch.compile(modules[n], fullgraph=fullgraph, dynamic=False)
+            for n in names if n in modules}
 
 
 def _time_modules(section: str, label: dict[str, Any], modules: dict[str, nn.Module], inputs: tuple[Tensor, ...],

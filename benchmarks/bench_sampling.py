@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     counted = {}
     for mixer in [m for m in args.mixers.split(",") if m]:
         net = build_model(args.model, mixer, args.image_size, getattr(args, f"ckpt_{mixer}", None), device)
-        counted[mixer] = CountingModel(torch.compile(net) if args.compile else net, autocast)
+        counted[mixer] = CountingModel(torch.compile(net, dynamic=False) if args.compile else net, autocast)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     z = torch.randn(args.batch, 4, latent, latent, generator=gen).to(device)
     y = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sit_atconv.io import atomic_write
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -180,8 +182,10 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
-    """Write the results (with the command line and environment) when --out is given."""
+    """Write the results (with the command line and environment) when --out is given; atomically, so an
+    interrupted run never leaves a truncated file in place of an earlier result."""
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
+        def dump(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(payload, f, indent=2)
+        atomic_write(path, dump)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 6's GPU check as one prepared call: bf16 ratios at batch 32 and the training step's MFU.
+# Issue 6's GPU check as one prepared call: every ATConv path checked against the oracle on the GPU,
+# then bf16 ratios at batch 32 and the training step's MFU.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; results in $OUT, else benchmarks/measured/gpu
 #
-# Sized for a short GPU lease: under 10 minutes in the worst case (the sum of the parts' limits; most of
-# it is torch.compile). Each part has its own limit and writes its own JSON, most important first, so a
+# Sized for a short GPU lease: under 10 minutes in the worst case (the parts' limits sum to 585 s; most
+# of it is torch.compile). Each part has its own limit and writes its own JSON, most important first, so a
 # part cut short loses only itself (the last one, compiled SiT-XL/2 training, is the likeliest).
-# At most 7 files: device.txt, run.log and one JSON per part.
+# At most 8 files: device.txt, run.log and one JSON per part.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -28,13 +29,15 @@ part() {  # part NAME SECONDS SCRIPT ARGS...: run one benchmark under a time lim
 }
 
 gpu=(--device cuda --dtype bf16)
-part mixer 150 bench_atconv.py "${gpu[@]}" --sections mixer --widths B,XL --batch 32 --compile mixer --reps 20
-part train_xl 120 bench_atconv.py "${gpu[@]}" --sections train --train-models SiT-XL/2 --train-batch 32 \
+# correctness first: every ATConv path on the GPU (eager impls, inductor/Triton) vs the float64 oracle
+part check 45 check_device.py --device cuda --dtypes fp32,bf16
+part mixer 140 bench_atconv.py "${gpu[@]}" --sections mixer --widths B,XL --batch 32 --compile mixer --reps 20
+part train_xl 115 bench_atconv.py "${gpu[@]}" --sections train --train-models SiT-XL/2 --train-batch 32 \
     --compile "" --reps 10
-part block_xl 150 bench_atconv.py "${gpu[@]}" --sections block --block-widths XL --batch 32 --modes fwdbwd \
+part block_xl 140 bench_atconv.py "${gpu[@]}" --sections block --block-widths XL --batch 32 --modes fwdbwd \
     --compile block --reps 20
-part sampling_xl 60 bench_sampling.py "${gpu[@]}" --model SiT-XL/2 --batch 16 --solvers euler,sde-euler \
+part sampling_xl 55 bench_sampling.py "${gpu[@]}" --model SiT-XL/2 --batch 16 --solvers euler,sde-euler \
     --steps 50 --cfg-scales 1.0,4.0 --reps 3
-part train_xl_compiled 100 bench_atconv.py "${gpu[@]}" --sections train --train-models SiT-XL/2 \
+part train_xl_compiled 90 bench_atconv.py "${gpu[@]}" --sections train --train-models SiT-XL/2 \
     --train-batch 32 --train-modes step --compile train --reps 10
-grep -E "^(###|\|)" "$log" | tail -n 120
+grep -E "^(###|\||[0-9]+ of [0-9]+ cases)" "$log" | tail -n 150

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_atconv  # noqa: E402
-from common import count_flops, paired_ratio  # noqa: E402
+import check_device  # noqa: E402
+from common import count_flops, paired_ratio, write_json  # noqa: E402
 
 
 def test_depthwise_conv_backward_flops_count_groups():
@@ -69,3 +70,43 @@ def test_peak_tflops_by_device_name(monkeypatch, name, dtype, expected):
     assert peak_tflops(torch.device("cuda"), dtype, None) == expected
     assert peak_tflops(torch.device("cuda"), dtype, 123.0) == 123.0
     assert peak_tflops(torch.device("cpu"), "bf16", None) is None
+
+
+CHECK_TINY = ["--device", "cpu", "--width", "S", "--tokens", "16", "--image-dim", "8", "--image-size", "6",
+              "--batch", "2", "--backend", "aot_eager"]
+
+
+def test_check_device_passes_every_path_on_the_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    assert check_device.main([*CHECK_TINY, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    cases = {(r["layout"], r["impl"], r["compiled"], r["dtype"]) for r in rows}
+    for layout in ("tokens", "image"):
+        for dtype in ("fp32", "bf16"):
+            for impl in check_device.EAGER_IMPLS:
+                assert (layout, impl, "", dtype) in cases
+            assert (layout, "auto", "aot_eager", dtype) in cases
+    assert all(r["ok"] for r in rows)
+    assert max(r["out_err"] for r in rows if r["dtype"] == "fp32") < 1e-5
+
+
+def test_check_device_fails_a_wrong_depthwise_conv(monkeypatch, tmp_path):
+    """A 1% error in the conv (the oracle has its own loop conv) fails every case, eager and compiled."""
+    import sit_atconv.layers.atconv as atconv_module
+
+    real = atconv_module.dynamic_depthwise_conv
+    monkeypatch.setattr(atconv_module, "dynamic_depthwise_conv", lambda v, k, impl: 1.01 * real(v, k, impl))
+    out = tmp_path / "check.json"
+    assert check_device.main([*CHECK_TINY, "--dtypes", "fp32", "--out", str(out)]) == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 8 and not any(r["ok"] for r in rows)
+
+
+def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "result.json"
+    write_json(str(path), {"rows": [1]})
+    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        write_json(str(path), {"rows": [2]})
+    assert json.loads(path.read_text()) == {"rows": [1]}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
