@@ -7,9 +7,10 @@ Every function maps values (B, C, H, W) — any memory format — and kernels (B
   NCHW-contiguous input (a copy for token-layout values) and autograd's grouped-conv backward.
 * ``per_sample``: a custom ``autograd.Function``. Forward runs one depthwise conv per sample in the
   input's own memory format, so token-layout values (a channels-last view of (B, N, C)) are never
-  copied. Backward gets grad-input (a conv with flipped kernels) and grad-kernels (a per-sample
-  correlation) from one ``convolution_backward`` call per sample, again in place of the slow
-  grouped-conv weight backward and of autograd's per-slice gradient scatter.
+  copied; each sample's result goes straight into one output buffer (no list and concatenation).
+  Backward gets grad-input (a conv with flipped kernels) and grad-kernels (a per-sample correlation)
+  from one ``convolution_backward`` call per sample, again in place of the slow grouped-conv weight
+  backward and of autograd's per-slice gradient scatter.
 * ``shift``: k*k shifted multiply-adds on a channels-last (B, H, W, C) view, with a custom backward
   of the same form (grad-input: the taps reversed; grad-taps: k*k reductions). Slow in eager (k*k
   passes), but under ``torch.compile`` each direction fuses into one loop over the tokens.
@@ -115,8 +116,10 @@ class _PerSampleDepthwiseConv(torch.autograd.Function):
         ctx.save_for_backward(values, weights)
         ctx.kernels_dtype, ctx.fmt = kernels.dtype, fmt
         c, k = values.shape[1], kernels.shape[-1]
-        outs = [F.conv2d(values[i:i + 1], weights[i], padding=k // 2, groups=c) for i in range(values.shape[0])]
-        return torch.cat(outs).contiguous(memory_format=fmt)
+        out = torch.empty_like(values)                                      # same memory format
+        for i in range(values.shape[0]):                                    # one live temporary at a time
+            out[i:i + 1] = F.conv2d(values[i:i + 1], weights[i], padding=k // 2, groups=c)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -125,11 +128,16 @@ class _PerSampleDepthwiseConv(torch.autograd.Function):
         grad_out = grad_out.to(values.dtype).contiguous(memory_format=ctx.fmt)
         c, k = values.shape[1], weights.shape[-1]
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
-        grads = [torch.ops.aten.convolution_backward(grad_out[i:i + 1], values[i:i + 1], weights[i],
-                                                     *_conv_args(k, c), mask)
-                 for i in range(values.shape[0])]
-        grad_values = torch.cat([g[0] for g in grads]).contiguous(memory_format=ctx.fmt) if mask[0] else None
-        grad_kernels = torch.stack([g[1] for g in grads]).squeeze(2).to(ctx.kernels_dtype) if mask[1] else None
+        grad_values = torch.empty_like(values) if mask[0] else None
+        grad_weights = torch.empty_like(weights) if mask[1] else None
+        for i in range(values.shape[0]):
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(grad_out[i:i + 1], values[i:i + 1], weights[i],
+                                                                    *_conv_args(k, c), mask)
+            if mask[0]:
+                grad_values[i:i + 1] = grad_x
+            if mask[1]:
+                grad_weights[i] = grad_w
+        grad_kernels = grad_weights.squeeze(2).to(ctx.kernels_dtype) if mask[1] else None
         return grad_values, grad_kernels
 
 
