@@ -11,7 +11,7 @@ eager mode, and torch.compile(fullgraph=True) of the default impl, in fp32 (TF32
 autocast. Each case runs forward and backward on the same weights and inputs. The error is the largest
 difference from the oracle, relative to the oracle's largest magnitude: for the output, and for the
 gradients of x and of every parameter. The script prints a table, writes JSON, and exits 1 if any
-case fails.
+case fails. A case that raises (a compile error, say) is recorded with its error and the rest still run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from common import DTYPES, environment, format_table, write_json
@@ -71,6 +71,15 @@ def _module(layout: str, dim: int, grid: int, seed: int) -> ATConv:
     return module
 
 
+class Oracle(NamedTuple):
+    """The float64 CPU reference of one case: module, input, output, upstream gradient, gradients."""
+    module: ATConv
+    x: Tensor
+    out: Tensor
+    grad_out: Tensor
+    grads: list[Tensor]
+
+
 def _grads(out: Tensor, x: Tensor, module: nn.Module, grad_out: Tensor) -> list[Tensor]:
     """Gradients of <out, grad_out> with respect to x and every parameter, in float64 on the CPU."""
     grads = torch.autograd.grad(out, [x, *module.parameters()], grad_out.to(out.dtype))
@@ -89,11 +98,11 @@ def check_layout(layout: str, args: argparse.Namespace, device: torch.device) ->
     else:
         dim, grid = args.image_dim, args.image_size
         shape = (args.batch, dim, grid, grid)
-    oracle = _module(layout, dim, grid, args.seed)
+    module = _module(layout, dim, grid, args.seed)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    ref_out = atconv_reference(oracle, x, conv="loop")
-    grad_out = torch.randn_like(ref_out)
-    ref_grads = _grads(ref_out, x, oracle, grad_out)
+    out = atconv_reference(module, x, conv="loop")
+    grad_out = torch.randn_like(out)
+    oracle = Oracle(module, x, out, grad_out, _grads(out, x, module, grad_out))
 
     cases = [(impl, False) for impl in EAGER_IMPLS]
     if args.backend != "none":
@@ -101,23 +110,34 @@ def check_layout(layout: str, args: argparse.Namespace, device: torch.device) ->
     rows = []
     for impl, compiled in cases:
         for dtype in args.dtypes:
-            module = copy.deepcopy(oracle).float().to(device)
-            module.impl = impl
-            run = torch.compile(module, backend=args.backend, fullgraph=True, dynamic=False) if compiled else module
-            xd = x.detach().float().to(device).requires_grad_(True)
-            with autocast_for(device, DTYPES[dtype]):
-                out = run(xd)
-            grads = _grads(out.float(), xd, module, grad_out.float().to(device))
-            out_tol, grad_tol = TOLERANCES[dtype]
-            out_err = _rel_error(out, ref_out)
-            grad_errs = [_rel_error(g, r) for g, r in zip(grads, ref_grads, strict=True)]
-            rows.append({"layout": layout, "C": dim, "impl": impl, "compiled": args.backend if compiled else "",
-                         "dtype": dtype, "out_err": out_err, "max_grad_err": max(grad_errs),
-                         "x_grad_err": grad_errs[0],
-                         "ok": bool(out_err <= out_tol and max(grad_errs) <= grad_tol)})
-            print(f"  {layout} {impl}{' compiled' if compiled else ''} {dtype}: out {out_err:.2g}, grads "
-                  f"{max(grad_errs):.2g}, {'ok' if rows[-1]['ok'] else 'FAIL'}", file=sys.stderr, flush=True)
+            row = {"layout": layout, "C": dim, "impl": impl, "compiled": args.backend if compiled else "",
+                   "dtype": dtype}
+            try:
+                row.update(_errors(oracle, impl, compiled, dtype, args, device))
+            except Exception as error:  # one broken path (say, a compile error) must not hide the others
+                row.update(ok=False, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            rows.append(row)
+            result = row.get("error") or f"out {row['out_err']:.2g}, grads {row['max_grad_err']:.2g}"
+            print(f"  {layout} {impl}{' compiled' if compiled else ''} {dtype}: {result}, "
+                  f"{'ok' if row['ok'] else 'FAIL'}", file=sys.stderr, flush=True)
     return rows
+
+
+def _errors(oracle: Oracle, impl: str, compiled: bool, dtype: str, args: argparse.Namespace,
+            device: torch.device) -> dict[str, Any]:
+    """One case: the oracle's weights in fp32 on `device`, run with `impl` (compiled or not) under `dtype`."""
+    module = copy.deepcopy(oracle.module).float().to(device)
+    module.impl = impl
+    run = torch.compile(module, backend=args.backend, fullgraph=True, dynamic=False) if compiled else module
+    x = oracle.x.detach().float().to(device).requires_grad_(True)
+    with autocast_for(device, DTYPES[dtype]):
+        out = run(x)
+    grads = _grads(out.float(), x, module, oracle.grad_out.float().to(device))
+    out_tol, grad_tol = TOLERANCES[dtype]
+    out_err = _rel_error(out, oracle.out)
+    grad_errs = [_rel_error(g, r) for g, r in zip(grads, oracle.grads, strict=True)]
+    return {"out_err": out_err, "max_grad_err": max(grad_errs), "x_grad_err": grad_errs[0],
+            "ok": bool(out_err <= out_tol and max(grad_errs) <= grad_tol)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# check_device on {env['device']}; dtypes {args.dtypes}; compile backend {args.backend}")
     rows = check_layout("tokens", args, device) + check_layout("image", args, device)
     print(format_table(rows, ["layout", "C", "impl", "compiled", "dtype", "out_err", "max_grad_err",
-                              "x_grad_err", "ok"]))
+                              "x_grad_err", "ok", "error"]))
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} cases within tolerance {TOLERANCES}")
     write_json(args.out, {"command": " ".join(sys.argv), "args": vars(args), "environment": env, "rows": rows})

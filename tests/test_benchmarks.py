@@ -102,6 +102,20 @@ def test_check_device_fails_a_wrong_depthwise_conv(monkeypatch, tmp_path):
     assert len(rows) == 8 and not any(r["ok"] for r in rows)
 
 
+def test_check_device_records_a_crashing_path_and_checks_the_rest(monkeypatch, tmp_path):
+    import sit_atconv.layers.depthwise as depthwise
+
+    def crash(values, kernels):
+        raise RuntimeError("kernel launch failed")
+    monkeypatch.setattr(depthwise, "depthwise_conv_shift", crash)
+    out = tmp_path / "check.json"
+    assert check_device.main([*CHECK_TINY, "--dtypes", "fp32", "--backend", "none", "--out", str(out)]) == 1
+    rows = {(r["layout"], r["impl"]): r for r in json.loads(out.read_text())["rows"]}
+    for layout in ("tokens", "image"):
+        assert "kernel launch failed" in rows[layout, "shift"]["error"] and not rows[layout, "shift"]["ok"]
+        assert rows[layout, "grouped"]["ok"] and rows[layout, "per_sample"]["ok"]
+
+
 def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "result.json"
     write_json(str(path), {"rows": [1]})
