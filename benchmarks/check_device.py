@@ -11,7 +11,8 @@ eager mode, and torch.compile(fullgraph=True) of the default impl, in fp32 (TF32
 autocast. Each case runs forward and backward on the same weights and inputs. The error is the largest
 difference from the oracle, relative to the oracle's largest magnitude: for the output, and for the
 gradients of x and of every parameter. The script prints a table, writes JSON, and exits 1 if any
-case fails. A case that raises (a compile error, say) is recorded with its error and the rest still run.
+case fails. A case that raises (a compile error, say) is recorded with its error and the rest still run;
+the JSON is rewritten after every case ("complete": false until the end), so a time limit loses little.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -90,8 +92,8 @@ def _rel_error(value: Tensor, ref: Tensor) -> float:
     return ((value.detach().double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def check_layout(layout: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """Every impl (eager) and the compiled default, each dtype, against the float64 oracle."""
+def check_layout(layout: str, args: argparse.Namespace, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Every impl (eager) and the compiled default, each dtype, against the float64 oracle: a row a case."""
     if layout == "tokens":
         dim, grid = SIT_SIZES[args.width].hidden_size, int(round(args.tokens ** 0.5))
         shape = (args.batch, grid * grid, dim)
@@ -107,7 +109,6 @@ def check_layout(layout: str, args: argparse.Namespace, device: torch.device) ->
     cases = [(impl, False) for impl in EAGER_IMPLS]
     if args.backend != "none":
         cases.append(("auto", True))
-    rows = []
     for impl, compiled in cases:
         for dtype in args.dtypes:
             row = {"layout": layout, "C": dim, "impl": impl, "compiled": args.backend if compiled else "",
@@ -116,11 +117,10 @@ def check_layout(layout: str, args: argparse.Namespace, device: torch.device) ->
                 row.update(_errors(oracle, impl, compiled, dtype, args, device))
             except Exception as error:  # one broken path (say, a compile error) must not hide the others
                 row.update(ok=False, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
-            rows.append(row)
             result = row.get("error") or f"out {row['out_err']:.2g}, grads {row['max_grad_err']:.2g}"
             print(f"  {layout} {impl}{' compiled' if compiled else ''} {dtype}: {result}, "
                   f"{'ok' if row['ok'] else 'FAIL'}", file=sys.stderr, flush=True)
-    return rows
+            yield row
 
 
 def _errors(oracle: Oracle, impl: str, compiled: bool, dtype: str, args: argparse.Namespace,
@@ -148,12 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     env = environment(device)
     print(f"# check_device on {env['device']}; dtypes {args.dtypes}; compile backend {args.backend}")
-    rows = check_layout("tokens", args, device) + check_layout("image", args, device)
+    rows: list[dict[str, Any]] = []
+
+    def save(complete: bool) -> None:
+        write_json(args.out, {"command": " ".join(sys.argv), "args": vars(args), "environment": env, "rows": rows,
+                              "complete": complete})
+
+    for layout in ("tokens", "image"):
+        for row in check_layout(layout, args, device):
+            rows.append(row)
+            save(complete=False)  # after every case: a run stopped by a time limit keeps what it checked
+    save(complete=True)
     print(format_table(rows, ["layout", "C", "impl", "compiled", "dtype", "out_err", "max_grad_err",
                               "x_grad_err", "ok", "error"]))
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} cases within tolerance {TOLERANCES}")
-    write_json(args.out, {"command": " ".join(sys.argv), "args": vars(args), "environment": env, "rows": rows})
     return 1 if failed else 0
 
 

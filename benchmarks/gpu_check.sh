@@ -30,13 +30,13 @@ part() {  # part NAME SECONDS SCRIPT ARGS...: run one benchmark under a time lim
 
 gpu=(--device cuda --dtype bf16)
 # correctness first: every ATConv path on the GPU (eager impls, inductor/Triton) vs the float64 oracle
-part check 45 check_device.py --device cuda --dtypes fp32,bf16
-part mixer 140 bench_atconv.py "${gpu[@]}" --sections mixer --widths B,XL --batch 32 --compile mixer --reps 20
+part check 60 check_device.py --device cuda --dtypes fp32,bf16
+part mixer 130 bench_atconv.py "${gpu[@]}" --sections mixer --widths B,XL --batch 32 --compile mixer --reps 20
 part train_xl 115 bench_atconv.py "${gpu[@]}" --sections train --train-models SiT-XL/2 --train-batch 32 \
     --compile "" --reps 10
 part block_xl 140 bench_atconv.py "${gpu[@]}" --sections block --block-widths XL --batch 32 --modes fwdbwd \
     --compile block --reps 20
-part sampling_xl 55 bench_sampling.py "${gpu[@]}" --model SiT-XL/2 --batch 16 --solvers euler,sde-euler \
+part sampling_xl 50 bench_sampling.py "${gpu[@]}" --model SiT-XL/2 --batch 16 --solvers euler,sde-euler \
     --steps 50 --cfg-scales 1.0,4.0 --reps 3
 part train_xl_compiled 90 bench_atconv.py "${gpu[@]}" --sections train --train-models SiT-XL/2 \
     --train-batch 32 --train-modes step --compile train --reps 10

@@ -88,6 +88,7 @@ def test_check_device_passes_every_path_on_the_cpu(tmp_path):
             assert (layout, "auto", "aot_eager", dtype) in cases
     assert all(r["ok"] for r in rows)
     assert max(r["out_err"] for r in rows if r["dtype"] == "fp32") < 1e-5
+    assert json.loads(out.read_text())["complete"] is True
 
 
 def test_check_device_fails_a_wrong_depthwise_conv(monkeypatch, tmp_path):
@@ -114,6 +115,22 @@ def test_check_device_records_a_crashing_path_and_checks_the_rest(monkeypatch, t
     for layout in ("tokens", "image"):
         assert "kernel launch failed" in rows[layout, "shift"]["error"] and not rows[layout, "shift"]["ok"]
         assert rows[layout, "grouped"]["ok"] and rows[layout, "per_sample"]["ok"]
+
+
+def test_check_device_keeps_the_cases_checked_before_it_is_stopped(monkeypatch, tmp_path):
+    real, calls = check_device._errors, []
+
+    def stop_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands in for the run being stopped part-way (timeout, Ctrl-C)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(check_device, "_errors", stop_at_the_third)
+    out = tmp_path / "check.json"
+    with pytest.raises(KeyboardInterrupt):
+        check_device.main([*CHECK_TINY, "--backend", "none", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and len(saved["rows"]) == 2 and all(r["ok"] for r in saved["rows"])
 
 
 def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
