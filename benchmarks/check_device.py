@@ -84,7 +84,7 @@ class Oracle(NamedTuple):
 
 def _grads(out: Tensor, x: Tensor, module: nn.Module, grad_out: Tensor) -> list[Tensor]:
     """Gradients of <out, grad_out> with respect to x and every parameter, in float64 on the CPU."""
-    grads = torch.autograd.grad(out, [x, *module.parameters()], grad_out.to(out.dtype))
+    grads = torch.autograd.grad(out, [x, *module.parameters()], grad_out)
     return [g.detach().double().cpu() for g in grads]
 
 
