@@ -15,22 +15,17 @@ cache). Without: the digits classifier `digits-attnet` against the held-out digi
 (training digits vs held-out digits). Every number is labelled with the extractor that produced it.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
-from sit_atconv.config import ConfigError
-from sit_atconv.evaluation.generate import GenerationError
+from sit_atconv.cli import CLIParser, positive_int, run_cli
 from sit_atconv.evaluation.run import EXTRACTORS, evaluate, format_table
-from sit_atconv.io import UnsafeCheckpointError
-from sit_atconv.metrics import METRICS, InceptionWeightsError
-from sit_atconv.sampling import add_sampling_args, options_from_args
+from sit_atconv.metrics import METRICS
+from sit_atconv.sampling import add_sampling_options, options_from_args
 
 
-def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                epilog="\n".join(__doc__.splitlines()[2:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> CLIParser:
+    p = CLIParser(__doc__)
     add = p.add_argument
     add("--ckpt", metavar="PATH", help="checkpoint file or run folder (its latest checkpoint); "
                                        "default: the default config's run folder")
@@ -41,32 +36,29 @@ def parse(argv=None) -> argparse.Namespace:
     add("--extractor", choices=EXTRACTORS, default="auto", help="auto: inception with --ref, else digits")
     add("--metrics", nargs="+", choices=METRICS, metavar="NAME",
         help=f"only these of {', '.join(METRICS)} (default: all the extractor supports)")
-    add("--num-samples", type=int, help="images to generate (default: 1000 for digits, else 50000)")
+    add("--num-samples", type=positive_int, help="images to generate (default: 1000 for digits, else 50000)")
     add("--seed", type=int, default=0, help="base seed; image i uses (seed, i)")
-    add("--batch-size", type=int, default=64, help="images per sampler/feature batch, per process")
+    add("--batch-size", type=positive_int, default=64, help="images per sampler/feature batch, per process")
     add("--out-dir", type=Path, metavar="DIR", help="folder for shards, samples.npz and metrics.json")
     add("--png", action="store_true", help="also write one PNG per sample (out-dir/png)")
     add("--raw", action="store_true", help="use the raw (non-EMA) weights")
-    add_sampling_args(p)
-    return p.parse_args(argv)
+    add_sampling_options(p)
+    return p
 
 
-def main(argv=None) -> int:
-    args = parse(argv)
-    try:
-        results = evaluate(ckpt=args.ckpt, samples=args.samples, ref=args.ref, extractor=args.extractor,
-                           inception_weights=args.inception_weights, num_samples=args.num_samples,
-                           seed=args.seed, batch_size=args.batch_size, out_dir=args.out_dir,
-                           opts=options_from_args(args), use_ema=not args.raw, png=args.png,
-                           metrics=args.metrics)
-    except (ConfigError, GenerationError, InceptionWeightsError, UnsafeCheckpointError, FileNotFoundError,
-            ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def body(args) -> int:
+    results = evaluate(ckpt=args.ckpt, samples=args.samples, ref=args.ref, extractor=args.extractor,
+                       inception_weights=args.inception_weights, num_samples=args.num_samples,
+                       seed=args.seed, batch_size=args.batch_size, out_dir=args.out_dir,
+                       opts=options_from_args(args), use_ema=not args.raw, png=args.png, metrics=args.metrics)
     if results is not None:  # the main process
         print(format_table(results))
         print(f"wrote {Path(results['out_dir']) / 'metrics.json'}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(parser(), body, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from common import DTYPES, environment, format_table, synchronize, write_json
 from torch import Tensor, nn
 from workloads import autocast_for
 
-from sit_atconv.io import load_state_dict
+from sit_atconv.checkpoint import load_tensors
 from sit_atconv.models.sit import create_sit
 from sit_atconv.transport import CFGModel, Sampler, create_transport
 
@@ -73,7 +73,7 @@ def build_model(name: str, mixer: str, image_size: int, ckpt: str | None, device
     """A SiT in eval mode: checkpoint weights, or random with its zero-initialised layers woken up."""
     model = create_sit(name, mixer=mixer, input_size=image_size // 8)
     if ckpt:
-        model.load_state_dict(load_state_dict(ckpt))
+        model.load_state_dict(load_tensors(ckpt))
     else:
         with torch.no_grad():
             for block in [*model.blocks, model.final_layer]:

@@ -10,7 +10,6 @@ blocks into Linear weights, and drop REPA's alignment projectors (we train REPA-
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -18,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import UnsafeCheckpointError, load_state_dict, save_safetensors
+from .checkpoint import load_tensors, save_tensors
+from .cli import CLIParser, run_cli
+from .errors import ConfigError
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SIT_ATCONV_PROJ = re.compile(r"^blocks\.\d+\.attn\.(kernel_proj|x_proj|proj)\.weight$")
@@ -53,7 +54,7 @@ def load_reference_checkpoint(model: nn.Module, path: str | Path, strict: bool =
 
     A fixed sin-cos `pos_embed` in the file is ignored when the model has none (pure ATConv SiT).
     """
-    state = from_reference(load_state_dict(path))
+    state = from_reference(load_tensors(path))
     own = model.state_dict()
     if "pos_embed" in state and "pos_embed" not in own:
         state.pop("pos_embed")
@@ -62,26 +63,25 @@ def load_reference_checkpoint(model: nn.Module, path: str | Path, strict: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CLIParser(
         prog="python -m sit_atconv.convert",
         description="Convert a reference SiT-ATConv / AttNet checkpoint (.pt/.pth/.safetensors) to our "
                     ".safetensors layout. Pickles are read with weights_only=True; code-running ones are refused.")
     parser.add_argument("input", type=Path, help="reference checkpoint (.pt, .pth or .safetensors)")
     parser.add_argument("output", type=Path, help="destination .safetensors file (must not exist unless --force)")
     parser.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
-    args = parser.parse_args(argv)
-    if args.output.suffix != ".safetensors":
-        parser.error(f"output {args.output} must end in .safetensors")
-    if args.output.exists() and not args.force:
-        parser.error(f"output {args.output} exists; choose another path or pass --force")
-    try:
-        state = from_reference(load_state_dict(args.input))
-    except (UnsafeCheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    save_safetensors(state, args.output, metadata={"converted_from": args.input.name})
-    print(f"wrote {len(state)} tensors to {args.output}")
-    return 0
+
+    def body(args) -> int:
+        if args.output.suffix != ".safetensors":
+            raise ConfigError(f"output {args.output} must end in .safetensors")
+        if args.output.exists() and not args.force:
+            raise ConfigError(f"output {args.output} exists; choose another path or pass --force")
+        state = from_reference(load_tensors(args.input))
+        save_tensors(state, args.output, metadata={"converted_from": args.input.name})
+        print(f"wrote {len(state)} tensors to {args.output}")
+        return 0
+
+    return run_cli(parser, body, argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Checkpoint -> images: sampler options, per-image seeds, decoding, grids.
+"""A trained network -> images: sampler options, per-image seeds, guidance, decoding, grids.
 
-Image i of a request is drawn from its own generator seeded by (base_seed, i) — both its starting
-noise and, for SDE samplers, every noise increment — so a set of images is identical whatever the
-batch size or number of processes (edm2's per-image RNG). This holds exactly for fixed-step
-samplers; adaptive ODE solvers (dopri5) choose steps from the whole batch's error norm, so their
-images agree only to the solver tolerance across batch compositions.
+Image i of a request is drawn from its own generator seeded by (seed, i) — both its starting noise and,
+for SDE samplers, every noise increment — so a set of images is identical whatever the batch size or
+number of processes (edm2's per-image RNG). This holds exactly for fixed-step samplers; adaptive ODE
+solvers (dopri5) choose steps from the whole batch's error norm, so their images agree only to the
+solver tolerance across batch compositions.
 """
 
 from __future__ import annotations
@@ -14,21 +14,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, config_from_dict
-from .data.encoders import Autoencoder, build_autoencoder
-from .models import create_sit
-from .train.checkpoint import load_checkpoint, resolve_checkpoint
-from .transport import CFGModel, Sampler, create_transport
+from .config import TransportConfig
+from .data.encoders import Autoencoder
+from .errors import ConfigError
+from .io import atomic_write
+from .seeding import IMAGE, derive_seed
+from .transport import DIFFUSION_FORMS, LAST_STEPS, ODE_METHODS, SDE_METHODS, CFGModel, Sampler, Transport
+
+DEFAULT_ODE, DEFAULT_SDE = "dopri5", "Euler"  # a mode's method when the run's config names the other mode
 
 
 @dataclass
 class SamplingOptions:
-    """How to sample; `None` fields fall back to the run's `transport` config."""
+    """How to sample; `None` fields fall back to the run's `transport` config (`resolved`)."""
 
     mode: str | None = None                  # "ode" | "sde"
     sampling_method: str | None = None       # ode: any torchdiffeq method; sde: Euler | Heun
@@ -43,34 +45,52 @@ class SamplingOptions:
     guided_channels: int | None = None       # None: guide all channels; 3: the reference's quirk
     guidance_interval: tuple[float, float] | None = None
 
-    def resolved(self, cfg: TrainConfig) -> SamplingOptions:
-        """Fill unset fields from the run's transport config."""
-        t = cfg.transport
+    def resolved(self, t: TransportConfig) -> SamplingOptions:
+        """Fill unset fields from a run's transport config."""
         mode = self.mode or t.sample_mode
         method = self.sampling_method or (t.sampling_method if mode == t.sample_mode else
-                                          ("dopri5" if mode == "ode" else "Euler"))
-        return SamplingOptions(**{**asdict(self), "mode": mode, "sampling_method": method,
-                                  "num_steps": self.num_steps or t.num_steps,
-                                  "cfg_scale": t.cfg_scale if self.cfg_scale is None else self.cfg_scale})
+                                          (DEFAULT_ODE if mode == "ode" else DEFAULT_SDE))
+        out = SamplingOptions(**{**asdict(self), "mode": mode, "sampling_method": method,
+                                 "num_steps": t.num_steps if self.num_steps is None else self.num_steps,
+                                 "cfg_scale": t.cfg_scale if self.cfg_scale is None else self.cfg_scale})
+        out.check()
+        return out
+
+    def check(self) -> None:
+        """One ConfigError line for options no sampler accepts (before any model call)."""
+        methods = {"ode": ODE_METHODS, "sde": SDE_METHODS}.get(self.mode)
+        if methods is None:
+            raise ConfigError(f"--mode {self.mode!r}: use ode or sde")
+        if self.sampling_method not in methods:
+            raise ConfigError(f"--sampling-method {self.sampling_method!r} is not a {self.mode} method; use one of "
+                              f"{', '.join(methods)}")
+        if self.num_steps is not None and self.num_steps < 2:
+            raise ConfigError(f"--num-steps must be >= 2 (grid points), got {self.num_steps}")
+        if self.guidance_interval is not None and not self.guidance_interval[0] <= self.guidance_interval[1]:
+            raise ConfigError(f"--guidance-interval {self.guidance_interval}: LOW must be <= HIGH")
+
+    def tag(self) -> str:
+        """A folder-name summary of resolved options, e.g. ode-euler-32_cfg2."""
+        return f"{self.mode}-{self.sampling_method}-{self.num_steps}_cfg{self.cfg_scale:g}"
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """The sampler/CFG flags shared by sample.py and eval_fid.py."""
+    from .cli import positive_int
+
     g = parser.add_argument_group("sampler (defaults: the run's transport config)")
     g.add_argument("--mode", choices=["ode", "sde"], help="probability-flow ODE or SDE sampler")
     g.add_argument("--sampling-method", help="ode: dopri5, euler, heun2, rk4, ... (torchdiffeq); sde: Euler, Heun")
-    g.add_argument("--num-steps", type=int, help="grid points (fixed-step ODE and SDE solvers)")
+    g.add_argument("--num-steps", type=positive_int, help="grid points (fixed-step ODE and SDE solvers)")
     g.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance (adaptive methods)")
     g.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance (adaptive methods)")
-    g.add_argument("--diffusion-form", default="SBDM",
-                   choices=["constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"],
-                   help="SDE diffusion coefficient w(t)")
+    g.add_argument("--diffusion-form", default="SBDM", choices=DIFFUSION_FORMS, help="SDE diffusion coefficient w(t)")
     g.add_argument("--diffusion-norm", type=float, default=1.0, help="SDE diffusion scale")
-    g.add_argument("--last-step", default="Mean", choices=["Mean", "Tweedie", "Euler", "none"],
+    g.add_argument("--last-step", default="Mean", choices=["none" if s is None else s for s in LAST_STEPS],
                    help="SDE final denoising step")
     g.add_argument("--last-step-size", type=float, default=0.04, help="SDE last step size")
     g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
-    g.add_argument("--guided-channels", type=int,
+    g.add_argument("--guided-channels", type=positive_int,
                    help="guide only the first K channels (3 = the reference DiT/SiT quirk); default all")
     g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="apply CFG only for t in [LOW, HIGH] (t=0 noise, t=1 data)")
@@ -86,41 +106,9 @@ def options_from_args(args: argparse.Namespace) -> SamplingOptions:
     return SamplingOptions(**values)
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """The SiT a config describes (one home for config -> model arguments)."""
-    m = cfg.model
-    return create_sit(m.name, mixer=m.mixer, depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads,
-                      input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                      learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
-                      kernel_size=m.kernel_size, kernel_pool=m.kernel_pool)
-
-
-def build_transport(cfg: TrainConfig):
-    t = cfg.transport
-    return create_transport(t.path_type, t.prediction, t.loss_weight, t.train_eps, t.sample_eps)
-
-
-def load_run(ckpt: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
-             ) -> tuple[nn.Module, TrainConfig, int, Path]:
-    """(model in eval mode with EMA weights, run config, step, checkpoint path) from a file or run folder."""
-    path = resolve_checkpoint(ckpt)
-    state = load_checkpoint(path)
-    if "config" not in state:
-        raise ValueError(f"{path}: not a sit_atconv training checkpoint (no 'config'); "
-                         "convert reference weights with python -m sit_atconv.convert first.")
-    cfg = config_from_dict(state["config"])
-    model = build_model(cfg)
-    model.load_state_dict(state["ema" if use_ema else "model"])
-    return model.to(device).eval().requires_grad_(False), cfg, int(state["step"]), path
-
-
-def image_generators(indices: Sequence[int], base_seed: int, device: torch.device | str) -> list[torch.Generator]:
-    """One generator per image, seeded from (base_seed, index) only."""
-    gens = []
-    for i in indices:
-        seed = int(np.random.SeedSequence([base_seed, int(i)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-        gens.append(torch.Generator(device=device).manual_seed(seed))
-    return gens
+def image_generators(indices: Sequence[int], seed: int, device: torch.device | str) -> list[torch.Generator]:
+    """One generator per image, seeded from (seed, index) only."""
+    return [torch.Generator(device=device).manual_seed(derive_seed(IMAGE, seed, int(i))) for i in indices]
 
 
 def per_image_randn(gens: list[torch.Generator], shape: Sequence[int], device, dtype=torch.float32) -> Tensor:
@@ -128,7 +116,7 @@ def per_image_randn(gens: list[torch.Generator], shape: Sequence[int], device, d
     return torch.stack([torch.randn(tuple(shape), generator=g, device=device, dtype=dtype) for g in gens])
 
 
-def make_sample_fn(transport, opts: SamplingOptions,
+def make_sample_fn(transport: Transport, opts: SamplingOptions,
                    noise_fn: Callable[[Tensor], Tensor] | None = None) -> Callable[..., Tensor]:
     """The transport sampler for resolved `opts`: fn(z, model, **model_kwargs) -> trajectory."""
     sampler = Sampler(transport)
@@ -151,36 +139,43 @@ def to_uint8(images: Tensor) -> Tensor:
     return out.permute(0, 2, 3, 1).contiguous()
 
 
-@torch.no_grad()
-def generate(model: nn.Module, cfg: TrainConfig, opts: SamplingOptions, labels: Tensor, indices: Sequence[int],
-             base_seed: int, autoencoder: Autoencoder, device: torch.device | str = "cpu", batch_size: int = 64,
-             show_progress: bool = True) -> Tensor:
-    """uint8 (N, H, W, 3) images for `labels` (N,), image k seeded by (base_seed, indices[k])."""
-    opts = opts.resolved(cfg)
-    transport = build_transport(cfg)
-    m = cfg.model
-    guided = CFGModel(model, scale=opts.cfg_scale, num_classes=m.num_classes,
-                      guided_channels=opts.guided_channels, interval=opts.guidance_interval)
-    shape = (m.in_channels, m.input_size, m.input_size)
-    out = []
-    for start in tqdm(range(0, len(indices), batch_size), desc="sampling", unit="batch", disable=not show_progress):
-        idx = list(indices[start:start + batch_size])
-        gens = image_generators(idx, base_seed, device)
-        z = per_image_randn(gens, shape, device)
-        sample_fn = make_sample_fn(transport, opts, noise_fn=lambda like, g=gens: per_image_randn(
-            g, like.shape[1:], like.device, like.dtype))
-        y = labels[start:start + batch_size].to(device)
-        latents = sample_fn(z, guided, y=y)[-1]
-        out.append(to_uint8(autoencoder.decode(latents)).cpu())
-    return torch.cat(out) if out else torch.empty(0, m.input_size, m.input_size, 3, dtype=torch.uint8)
+@dataclass
+class ImageSampler:
+    """Everything needed to turn labels and seeds into images: network, transport, autoencoder, shapes."""
+
+    model: nn.Module
+    transport: Transport
+    autoencoder: Autoencoder
+    latent_shape: tuple[int, int, int]
+    num_classes: int
+
+    @torch.no_grad()
+    def images(self, opts: SamplingOptions, labels: Tensor, indices: Sequence[int], seed: int,
+               device: torch.device | str = "cpu", batch_size: int = 64, show_progress: bool = True) -> Tensor:
+        """uint8 (N, H, W, 3) images for `labels` (N,) with resolved `opts`; image k seeded by (seed, indices[k])."""
+        channels = self.latent_shape[0]
+        if opts.guided_channels is not None and not 0 < opts.guided_channels <= channels:
+            raise ConfigError(f"--guided-channels {opts.guided_channels}: this model has {channels} channels")
+        guided = CFGModel(self.model, scale=opts.cfg_scale, num_classes=self.num_classes,
+                          guided_channels=opts.guided_channels, interval=opts.guidance_interval)
+        out = []
+        for start in tqdm(range(0, len(indices), batch_size), desc="sampling", unit="batch",
+                          disable=not show_progress):
+            gens = image_generators(list(indices[start:start + batch_size]), seed, device)
+            z = per_image_randn(gens, self.latent_shape, device)
+            sample_fn = make_sample_fn(self.transport, opts, noise_fn=lambda like, g=gens: per_image_randn(
+                g, like.shape[1:], like.device, like.dtype))
+            latents = sample_fn(z, guided, y=labels[start:start + batch_size].to(device))[-1]
+            out.append(to_uint8(self.autoencoder.decode(latents)).cpu())
+        if not out:
+            raise ValueError("no images requested")
+        return torch.cat(out)
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int) -> Path:
     """Write uint8 (N, H, W, 3) images as one PNG grid, `nrow` images per row (atomically)."""
     from PIL import Image
     from torchvision.utils import make_grid
-
-    from .io import atomic_write
 
     grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255)
     image = Image.fromarray(grid.permute(1, 2, 0).numpy())
@@ -189,9 +184,4 @@ def save_grid(images: Tensor, path: str | Path, nrow: int) -> Path:
 
 def class_grid_labels(num_classes: int, per_class: int, max_classes: int = 16) -> Tensor:
     """Labels for a preview grid: one row per class (first `max_classes`), `per_class` columns."""
-    classes = min(num_classes, max_classes)
-    return torch.arange(classes).repeat_interleave(per_class)
-
-
-def autoencoder_for(cfg: TrainConfig, device) -> Autoencoder:
-    return build_autoencoder(cfg.data).to(device).eval()
+    return torch.arange(min(num_classes, max_classes)).repeat_interleave(per_class)

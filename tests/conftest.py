@@ -1,4 +1,5 @@
-"""Pin the test environment: one thread, offline hubs, no wandb, temporary caches, fixed seeds."""
+"""Pin the test environment (one thread, offline hubs, no wandb, temporary caches, fixed seeds) and share
+the fixtures several test modules need: a clean Accelerate state, the tiny config, one trained tiny run."""
 
 import os
 import tempfile
@@ -20,18 +21,57 @@ for key, value in {
 }.items():
     os.environ[key] = value
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-    yield
-
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from accelerate.state import AcceleratorState, PartialState  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level CLIs (train.py, sample.py, ...)
+torch.set_num_threads(1)
+
+TRAINED_STEPS = 200  # the shared trained run: ~12 s on one core, enough for digits-like samples
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide singletons (a new Accelerator may then use other settings)."""
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_fresh_accelerate():
+    torch.manual_seed(0)
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def exit_code(main, argv) -> int:
+    """A CLI's exit status, whether it returns it or argparse raises SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def tiny_config(results_dir, run_name: str, *overrides: str):
+    """The `tiny` debug config in `results_dir/run_name`, with 'section.field=value' overrides."""
+    from sit_atconv.config_io import load_config
+
+    return load_config("tiny", [f"log.results_dir={results_dir}", f"log.run_name={run_name}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny digits run trained for TRAINED_STEPS steps, shared by sampling and evaluation tests."""
+    from sit_atconv.train import train
+
+    reset_accelerate()
+    cfg = tiny_config(tmp_path_factory.mktemp("runs"), "trained", "train.global_batch_size=64",
+                      f"train.max_steps={TRAINED_STEPS}", f"log.ckpt_every={TRAINED_STEPS}", "log.log_every=1000",
+                      "train.ema_decay=0.95", "optim.lr=4e-3")
+    out = train(cfg)
+    reset_accelerate()
+    return out

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sit_atconv.checkpoint import load_tensors
 from sit_atconv.convert import from_reference, load_reference_checkpoint, main
-from sit_atconv.io import UnsafeCheckpointError, load_state_dict
+from sit_atconv.errors import UnsafeCheckpointError
 from sit_atconv.models import create_attnet, create_sit
 
 # Key names as they appear in the reference code's modules (SPEC §1-§3).
@@ -95,7 +96,7 @@ def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
     with open(path, "wb") as f:
         pickle.dump({"model": _Exploit()}, f)
     with pytest.raises(UnsafeCheckpointError, match="refused"):
-        load_state_dict(path)
+        load_tensors(path)
     assert main([str(path), str(tmp_path / "out.safetensors")]) == 2
     assert not marker.exists()
 
@@ -110,7 +111,7 @@ def test_convert_cli(tmp_path, capsys):
     loaded = load_file(str(out))
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     out.write_bytes(b"keep me")
-    with pytest.raises(SystemExit):
-        main([str(src), str(out)])  # refuses to overwrite
+    assert main([str(src), str(out)]) == 2  # refuses to overwrite
+    assert "exists; choose another path or pass --force" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
     assert main([str(tmp_path / "missing.pt"), str(tmp_path / "x.safetensors")]) == 2

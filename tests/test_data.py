@@ -10,19 +10,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import exit_code
 from PIL import Image
 
-from sit_atconv.config import DataConfig, ModelConfig, load_config
+from sit_atconv.build import build_autoencoder, build_dataset, resolve_data
+from sit_atconv.config import DataConfig, ModelConfig, RunConfig
+from sit_atconv.config_io import load_config
 from sit_atconv.data import (
     AutoencoderError,
-    DataError,
     DigitsDataset,
     IdentityAutoencoder,
     ImageFolderDataset,
     LatentDataset,
+    MirroredByIndex,
     VAEAutoencoder,
-    build_autoencoder,
-    build_dataset,
     digits_split,
     load_digits_tensors,
 )
@@ -30,15 +31,12 @@ from sit_atconv.data.extract_latents import extract_latents
 from sit_atconv.data.extract_latents import main as extract_main
 from sit_atconv.data.images import load_image
 from sit_atconv.data.latents import shard_path
+from sit_atconv.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Extraction creates accelerate's process-wide PartialState; do not leak it into other tests."""
-    yield
-    from accelerate import PartialState
-
-    PartialState._reset_state()
+def run_config(model: dict | None = None, **data) -> RunConfig:
+    """A RunConfig with these model and data fields (other sections at their defaults)."""
+    return RunConfig(model=ModelConfig(**(model or {})), data=DataConfig(**data))
 
 
 def save_png(path, array):
@@ -113,17 +111,19 @@ def test_digits_split_deterministic_disjoint_stratified():
 
 def test_build_dataset_digits_matches_default_config():
     cfg = load_config("digits")
-    ds = build_dataset(cfg.data, cfg.model)
+    ds = build_dataset(cfg)
     x, y = ds[3]
     assert x.shape == (1, 16, 16) and 0 <= y < 10 and len(ds) == len(digits_split()[0])
     with pytest.raises(DataError, match="model expects 1x8x8"):
-        build_dataset(cfg.data, ModelConfig(in_channels=1, input_size=8, num_classes=10))
+        build_dataset(load_config("digits", ["model.input_size=8"]))
+    flipped = build_dataset(load_config("digits", ["data.random_flip=true"]))
+    assert isinstance(flipped, MirroredByIndex) and len(flipped) == 2 * len(ds)
 
 
 # ------------------------------------------------------------------------------------- image folders
 
 def test_image_folder_labels_sorted_and_crop(image_folder):
-    ds = ImageFolderDataset(image_folder, image_size=16, random_flip=False)
+    ds = ImageFolderDataset(image_folder, image_size=16)
     assert ds.classes == ["apple", "zebra"] and ds.num_classes == 2 and len(ds) == 5
     assert ds.labels == [0, 0, 0, 1, 1]
     assert [p.parent.name for p in ds.files] == ["apple"] * 3 + ["zebra"] * 2
@@ -155,18 +155,17 @@ def test_image_folder_flip(tmp_path):
     img = np.zeros((16, 16, 3), np.uint8)
     img[:, :4] = 255
     save_png(tmp_path / "a" / "x.png", img)
-    plain = ImageFolderDataset(tmp_path, 16, random_flip=False)[0][0]
-    fixed = ImageFolderDataset(tmp_path, 16, random_flip=False)
-    assert all(torch.equal(fixed[0][0], plain) for _ in range(3))
-    flipping = ImageFolderDataset(tmp_path, 16, random_flip=True)
-    seen = [flipping[0][0] for _ in range(20)]
-    assert any(torch.equal(s, plain) for s in seen) and any(torch.equal(s, plain.flip(-1)) for s in seen)
-    assert all(torch.equal(s, plain) or torch.equal(s, plain.flip(-1)) for s in seen)
+    ds = ImageFolderDataset(tmp_path, 16)
+    plain = ds[0][0]
+    assert plain[:, :, :4].min() == 1 and all(torch.equal(ds[0][0], plain) for _ in range(3))  # never random
+    assert torch.equal(ds.load(0, True)[0], plain.flip(-1))
+    both = MirroredByIndex(ds)  # the one flip mechanism: the index chooses the orientation
+    assert torch.equal(both[0][0], plain) and torch.equal(both[1][0], plain.flip(-1))
 
 
 def test_flat_folder_and_grayscale(tmp_path):
     save_png(tmp_path / "g.png", np.full((20, 20), 128))
-    ds = ImageFolderDataset(tmp_path, 8, random_flip=False)
+    ds = ImageFolderDataset(tmp_path, 8)
     assert ds.num_classes == 1 and ds[0][0].shape == (3, 8, 8) and ds[0][1] == 0
 
 
@@ -185,23 +184,25 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_build_dataset_images_checks(image_folder):
-    model = ModelConfig(name="SiT-S/2", input_size=16, in_channels=3, num_classes=2)
-    data = DataConfig(source="images", data_path=str(image_folder), image_size=16, autoencoder="identity")
-    assert build_dataset(data, model)[4][1] == 1
+    model = dict(name="SiT-S/2", input_size=16, in_channels=3, num_classes=2)
+    data = dict(source="images", data_path=str(image_folder), image_size=16, autoencoder="identity",
+                random_flip=False)
+    assert build_dataset(run_config(model, **data))[4][1] == 1
     with pytest.raises(DataError, match="data.data_path is not set"):
-        build_dataset(DataConfig(source="images", autoencoder="identity"), model)
+        build_dataset(run_config(model, source="images", autoencoder="identity"))
     with pytest.raises(DataError, match="model expects 3x32x32"):
-        build_dataset(data, ModelConfig(input_size=32, in_channels=3, num_classes=2))
-    uncond = build_dataset(data, ModelConfig(name="SiT-S/2", input_size=16, in_channels=3, num_classes=1))
+        build_dataset(run_config(dict(input_size=32, in_channels=3, num_classes=2), **data))
+    uncond = build_dataset(run_config({**model, "num_classes": 1}, **data))
     assert [uncond[i][1] for i in range(5)] == [0] * 5
 
 
 def test_build_dataset_too_many_classes(tmp_path):
     for cls in "abc":
         save_png(tmp_path / cls / "x.png", np.zeros((8, 8, 3)))
-    data = DataConfig(source="images", data_path=str(tmp_path), image_size=8, autoencoder="identity")
+    cfg = run_config(dict(name="SiT-S/2", input_size=8, in_channels=3, num_classes=2), source="images",
+                     data_path=str(tmp_path), image_size=8, autoencoder="identity")
     with pytest.raises(DataError, match="the data has 3 classes but model.num_classes is 2"):
-        build_dataset(data, ModelConfig(name="SiT-S/2", input_size=8, in_channels=3, num_classes=2))
+        build_dataset(cfg)
 
 
 # -------------------------------------------------------------------------------------- autoencoders
@@ -223,16 +224,16 @@ def test_vae_autoencoder_from_folder(tiny_vae_dir):
     s1 = ae.encode(x, sample=True, generator=torch.Generator().manual_seed(1))
     s2 = ae.encode(x, sample=True, generator=torch.Generator().manual_seed(1))
     assert torch.equal(s1, s2) and not torch.allclose(s1, z)
-    built = build_autoencoder(DataConfig(autoencoder=tiny_vae_dir, latent_scale=0.25))
+    built = build_autoencoder(run_config(source="images", autoencoder=tiny_vae_dir, latent_scale=0.25))
     assert isinstance(built, VAEAutoencoder) and torch.allclose(built.encode(x), z / 2, atol=1e-5)
 
 
 def test_identity_autoencoder():
-    ae = build_autoencoder(load_config("digits").data)
+    ae = build_autoencoder(load_config("digits"))
     assert isinstance(ae, IdentityAutoencoder) and ae.latent_shape(16) == (1, 16, 16) and ae.scale == 1.0
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     assert torch.equal(ae.encode(x), x) and torch.equal(ae.decode(x * 3), (x * 3).clamp(-1, 1))
-    assert build_autoencoder(DataConfig(source="images", autoencoder="identity")).latent_channels == 3
+    assert build_autoencoder(run_config(source="images", autoencoder="identity")).latent_channels == 3
 
 
 def test_hub_id_offline_fails_fast_and_clearly(tmp_path, monkeypatch):
@@ -267,8 +268,8 @@ def test_extract_round_trip_resume_and_strided_ranks(image_folder, tiny_vae_dir,
     assert manifest["autoencoder"] == tiny_vae_dir
     assert manifest["scale"] == 0.18215 and manifest["classes"] == ["apple", "zebra"]
 
-    ds = LatentDataset(store, random_flip=False)
-    files = ImageFolderDataset(image_folder, 16, random_flip=False)
+    ds = LatentDataset(store)
+    files = ImageFolderDataset(image_folder, 16)
     assert len(ds) == 5 and ds.sample_shape == (4, 2, 2)
     for i in range(5):
         image = load_image(files.files[i], 16)[None]
@@ -277,10 +278,8 @@ def test_extract_round_trip_resume_and_strided_ranks(image_folder, tiny_vae_dir,
         assert torch.allclose(z, encode(image)[0], atol=1e-5)
         stored = np.load(shard_path(store, i // 2))[i % 2]
         assert np.allclose(stored[1], encode(image.flip(-1))[0].numpy(), atol=1e-5)
-    flips = LatentDataset(store, random_flip=True)
-    draws = [flips[0][0] for _ in range(20)]
     both = torch.from_numpy(np.load(shard_path(store, 0))[0])
-    assert any(torch.equal(d, both[0]) for d in draws) and any(torch.equal(d, both[1]) for d in draws)
+    assert torch.equal(ds[0][0], both[0]) and torch.equal(ds.load(0, True)[0], both[1])  # the stored mirror
 
     # resume: only the deleted shard is encoded again; finished shards are not rewritten
     mtimes = {s: os.stat(shard_path(store, s)).st_mtime_ns for s in (0, 2)}
@@ -289,7 +288,7 @@ def test_extract_round_trip_resume_and_strided_ranks(image_folder, tiny_vae_dir,
     extract_latents(image_folder, store, ae, state=fake_state(), **kwargs)
     assert calls == [4]  # one batch of 2 images, encoded with their mirrors
     assert {s: os.stat(shard_path(store, s)).st_mtime_ns for s in (0, 2)} == mtimes
-    assert torch.allclose(LatentDataset(store, random_flip=False)[3][0], ds[3][0])
+    assert torch.allclose(LatentDataset(store)[3][0], ds[3][0])
     calls.clear()
     extract_latents(image_folder, store, ae, state=fake_state(), **kwargs)
     assert calls == []
@@ -306,24 +305,26 @@ def test_extract_cli_and_latent_dataset_checks(image_folder, tiny_vae_dir, tmp_p
     assert sorted(p.name for p in store.iterdir()) == ["labels.npy", "latents_00000.npy", "latents_00001.npy",
                                                         "manifest.json"]
     assert np.load(shard_path(store, 1)).dtype == np.float16  # default storage precision
-    data = DataConfig(source="latents", data_path=str(store), autoencoder=tiny_vae_dir)
-    ok = build_dataset(data, ModelConfig(name="SiT-S/2", input_size=2, in_channels=4, num_classes=2))
+    small = dict(name="SiT-S/2", input_size=2, in_channels=4, num_classes=2)
+    data = dict(source="latents", data_path=str(store))  # autoencoder and scale: the store's own (manifest)
+    assert resolve_data(run_config(small, **data)).data.autoencoder == tiny_vae_dir
+    assert resolve_data(run_config(small, **data)).data.latent_scale == 0.18215
+    ok = build_dataset(run_config(small, **data))
     assert ok[0][0].shape == (4, 2, 2) and ok[0][0].dtype == torch.float32
+    assert isinstance(build_autoencoder(run_config(small, **data)), VAEAutoencoder)  # decodes with the store's
     with pytest.raises(DataError, match=r"gives 4x2x2 model inputs but the model expects 4x32x32"):
-        build_dataset(data, ModelConfig())
-    with pytest.raises(DataError, match="encoded with"):
-        build_dataset(DataConfig(source="latents", data_path=str(store)), ModelConfig(input_size=2))
+        build_dataset(run_config(None, **data))
+    with pytest.raises(DataError, match="encoded with"):  # a given autoencoder is checked, not replaced
+        build_dataset(run_config(small, **data, autoencoder="identity"))
     with pytest.raises(DataError, match="scaled by 0.18215"):
-        build_dataset(DataConfig(source="latents", data_path=str(store), autoencoder=tiny_vae_dir,
-                                 latent_scale=0.5), ModelConfig(input_size=2))
-    uncond = build_dataset(data, ModelConfig(name="SiT-S/2", input_size=2, in_channels=4, num_classes=1))
+        build_dataset(run_config(small, **data, latent_scale=0.5))
+    uncond = build_dataset(run_config({**small, "num_classes": 1}, **data, random_flip=False))
     assert {uncond[i][1] for i in range(5)} == {0}
     with pytest.raises(DataError, match="not a latent store"):
         LatentDataset(tmp_path)
-    with pytest.raises(SystemExit) as exc:
-        extract_main(["--data-path", str(tmp_path / "nothing"), "--out", str(tmp_path / "s"),
-                      "--autoencoder", "identity"])
-    assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+    assert exit_code(extract_main, ["--data-path", str(tmp_path / "nothing"), "--out", str(tmp_path / "s"),
+                                    "--autoencoder", "identity"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 def _two_rank_extract(data_path, store, vae_dir):
@@ -345,9 +346,9 @@ def test_extract_two_real_ranks(image_folder, tiny_vae_dir, tmp_path):
 
     store = tmp_path / "dist_store"
     debug_launcher(_two_rank_extract, args=(image_folder, store, tiny_vae_dir), num_processes=2)
-    ds = LatentDataset(store, random_flip=False)  # complete: the two ranks covered all 5 shards
+    ds = LatentDataset(store)  # complete: the two ranks covered all 5 shards
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["3", "2"]  # shards 0,2,4 | 1,3
     assert len(ds) == 5 and ds.sample_shape == (4, 2, 2)
     ae = VAEAutoencoder(tiny_vae_dir)
-    files = ImageFolderDataset(image_folder, 16, random_flip=False).files
+    files = ImageFolderDataset(image_folder, 16).files
     assert torch.allclose(ds[4][0], ae.encode(load_image(files[4], 16)[None])[0], atol=1e-5)

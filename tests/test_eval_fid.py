@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 from accelerate import debug_launcher
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import PartialState
+from conftest import TRAINED_STEPS
 
 import eval_fid
-from sit_atconv.config import load_config
+from sit_atconv.build import build_model, load_run
 from sit_atconv.data import DigitsDataset
+from sit_atconv.errors import GenerationError
 from sit_atconv.evaluation import generate as gen_module
 from sit_atconv.evaluation import run as run_module
 from sit_atconv.evaluation import train_digits_classifier
@@ -23,38 +25,18 @@ from sit_atconv.evaluation.digits_features import (
     digits_uint8,
     weights_metadata,
 )
-from sit_atconv.evaluation.generate import GenerationError, generate_samples, shard_path
+from sit_atconv.evaluation.generate import generate_samples, shard_path
 from sit_atconv.metrics import INCEPTION_NAME
-from sit_atconv.sampling import SamplingOptions, build_model, load_run
-from sit_atconv.train.trainer import train
+from sit_atconv.sampling import SamplingOptions
 
-TRAIN_STEPS = 200
 OPTS = SamplingOptions(mode="sde", sampling_method="Euler", num_steps=4, cfg_scale=2.0)  # per-step noise too
 N, SHARD = 10, 3  # shards [0,3) [3,6) [6,9) [9,10)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny digits run (depth 2, width 32) trained for TRAIN_STEPS steps (~12 s on one core)."""
-    root = tmp_path_factory.mktemp("runs")
-    cfg = load_config("digits", ["model.depth=2", "model.hidden_size=32", "model.num_heads=2",
-                                 "optim.global_batch_size=64", f"optim.max_steps={TRAIN_STEPS}",
-                                 f"log.ckpt_every={TRAIN_STEPS}", "log.sample_every=0", "log.log_every=1000",
-                                 "optim.ema_decay=0.95", "optim.lr=4e-3", f"log.results_dir={root}",
-                                 "log.run_name=tiny"])
-    out = train(cfg)
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    return out
+def run_dir(trained_run):
+    """The shared tiny trained run (conftest)."""
+    return trained_run
 
 
 def _same(data, reference_set) -> bool:
@@ -65,9 +47,9 @@ def _same(data, reference_set) -> bool:
 @pytest.fixture(scope="module")
 def reference_set(run_dir, tmp_path_factory):
     """N images from one process, batch size 4, uninterrupted."""
-    model, cfg, step, path = load_run(run_dir)
+    run = load_run(run_dir)
     out = tmp_path_factory.mktemp("gen") / "ref"
-    npz = generate_samples(model, cfg, OPTS, out, num_samples=N, seed=5, checkpoint=path, step=step,
+    npz = generate_samples(run.sampler(), OPTS, out, num_samples=N, seed=5, checkpoint=run.path, step=run.step,
                            batch_size=4, shard_size=SHARD, state=PartialState(), show_progress=False)
     with np.load(npz) as data:
         return data["arr_0"], data["labels"]
@@ -82,9 +64,9 @@ def test_generation_is_adm_format_with_per_index_labels(reference_set):
 
 def test_interrupted_generation_resumes_without_gaps_or_duplicates(run_dir, reference_set, tmp_path,
                                                                    monkeypatch):
-    model, cfg, step, path = load_run(run_dir)
-    out = tmp_path / "gen"
-    kwargs = dict(num_samples=N, seed=5, checkpoint=path, step=step, shard_size=SHARD, show_progress=False)
+    run = load_run(run_dir)
+    sampler, out = run.sampler(), tmp_path / "gen"
+    kwargs = dict(num_samples=N, seed=5, checkpoint=run.path, step=run.step, shard_size=SHARD, show_progress=False)
     real_write, written = gen_module._write_shard, []
 
     def killed_after_two(path_, *args):
@@ -96,27 +78,27 @@ def test_interrupted_generation_resumes_without_gaps_or_duplicates(run_dir, refe
 
     monkeypatch.setattr(gen_module, "_write_shard", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
-        generate_samples(model, cfg, OPTS, out, batch_size=3, **kwargs)
+        generate_samples(sampler, OPTS, out, batch_size=3, **kwargs)
     assert sorted(p.name for p in (out / "shards").glob("shard_*.npz")) == written == [
         "shard_00000.npz", "shard_00001.npz"]
     assert not (out / "samples.npz").exists()
     monkeypatch.setattr(gen_module, "_write_shard", real_write)
     with pytest.raises(GenerationError, match="seed: 5 -> 6.*refusing to mix"):  # mid-run: other settings
-        generate_samples(model, cfg, OPTS, out, batch_size=3, **dict(kwargs, seed=6))
+        generate_samples(sampler, OPTS, out, batch_size=3, **dict(kwargs, seed=6))
     assert sorted(p.name for p in (out / "shards").glob("shard_*.npz")) == written
     shard_path(out, 0).unlink()  # a lost shard is redrawn too
-    npz = generate_samples(model, cfg, OPTS, out, batch_size=2, **kwargs)  # another batch size on restart
+    npz = generate_samples(sampler, OPTS, out, batch_size=2, **kwargs)  # another batch size on restart
     with np.load(npz) as data:
         assert _same(data, reference_set)
     assert not (out / "shards").exists()  # folded into samples.npz
-    again = generate_samples(model, cfg, OPTS, out, batch_size=2, png=True, **kwargs)  # finished: no work
+    again = generate_samples(sampler, OPTS, out, batch_size=2, png=True, **kwargs)  # finished: no work
     assert again == npz and len(list((out / "png").glob("*.png"))) == N
     # Other settings for a finished folder refuse too.
     for changed in (dict(kwargs, num_samples=N + 1), dict(kwargs, seed=6)):
         with pytest.raises(GenerationError, match="refusing to mix"):
-            generate_samples(model, cfg, OPTS, out, **changed)
+            generate_samples(sampler, OPTS, out, **changed)
     with pytest.raises(GenerationError, match=r"num_steps.*refusing to mix"):
-        generate_samples(model, cfg, SamplingOptions(mode="sde", sampling_method="Euler", num_steps=5,
+        generate_samples(sampler, SamplingOptions(mode="sde", sampling_method="Euler", num_steps=5,
                                                      cfg_scale=2.0), out, **kwargs)
 
 
@@ -134,8 +116,8 @@ def _two_rank_worker(spec_path):
         real_write(path, *args)
 
     gen_module._write_shard = logged
-    model, cfg, step, path = load_run(spec["run"])
-    generate_samples(model, cfg, OPTS, spec["out"], num_samples=N, seed=5, checkpoint=path, step=step,
+    run = load_run(spec["run"])
+    generate_samples(run.sampler(), OPTS, spec["out"], num_samples=N, seed=5, checkpoint=run.path, step=run.step,
                      batch_size=3, shard_size=SHARD, state=state, show_progress=False)
     if state.is_main_process:
         with open(spec["out"] + ".world", "w") as f:
@@ -240,7 +222,7 @@ def test_trained_digits_fid_is_far_below_untrained(run_dir, tmp_path):
     """The default path (digits-attnet vs held-out digits) on the tiny trained run and its untrained init."""
     untrained = tmp_path / "untrained"
     state = torch.load(next((run_dir / "checkpoints").glob("*.pt")), weights_only=True)
-    state["ema"], state["step"] = build_model(load_run(run_dir)[1]).state_dict(), 0
+    state["ema"], state["step"] = build_model(load_run(run_dir).cfg).state_dict(), 0
     (untrained / "checkpoints").mkdir(parents=True)
     torch.save(state, untrained / "checkpoints" / "step_0000000.pt")
     fid = {}
@@ -249,7 +231,7 @@ def test_trained_digits_fid_is_far_below_untrained(run_dir, tmp_path):
                 "--cfg-scale", "1", "--metrics", "fid"]
         assert eval_fid.main(argv) == 0
         out = next((ckpt / "eval").iterdir())
-        step = 0 if name == "untrained" else TRAIN_STEPS
+        step = 0 if name == "untrained" else TRAINED_STEPS
         assert out.name == f"step{step:07d}_ode-euler-16_cfg1_n200_seed0"
         result = json.loads((out / "metrics.json").read_text())
         assert result["feature_extractor"] == DIGITS_EXTRACTOR_NAME and result["num_samples"] == 200

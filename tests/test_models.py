@@ -112,18 +112,20 @@ def test_class_dropout_uses_null_label():
     assert torch.allclose(model(x, t, y, force_drop=torch.ones(3)), dropped)
 
 
-def test_forward_with_cfg():
+def test_guidance_wraps_the_network_from_outside():
+    """CFG lives in transport.guidance: the SiT has no guidance path of its own."""
+    from sit_atconv.transport import CFGModel
+
     model = _perturbed(_tiny_sit(learn_sigma=True)).eval()
-    half = torch.randn(2, 4, 8, 8)
-    x, t = torch.cat([half, half]), torch.rand(2).repeat(2)
-    y = torch.tensor([1, 2, 10, 10])
-    cond, uncond = model(x, t, y).chunk(2)
-    assert torch.allclose(model.forward_with_cfg(x, t, y, 1.0)[:2], cond, atol=1e-6)
-    guided = model.forward_with_cfg(x, t, y, 4.0)
-    assert torch.allclose(guided[:2], uncond + 4.0 * (cond - uncond), atol=1e-5)
-    assert torch.allclose(guided[2:], guided[:2])
-    quirk = model.forward_with_cfg(x, t, y, 4.0, guided_channels=3)[:2]
-    assert torch.allclose(quirk[:, :3], guided[:2, :3], atol=1e-6) and torch.allclose(quirk[:, 3:], cond[:, 3:])
+    assert not hasattr(model, "forward_with_cfg")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
+    assert torch.allclose(CFGModel(model, scale=1.0, num_classes=10)(x, t, y), cond, atol=1e-6)
+    guided = CFGModel(model, scale=4.0, num_classes=10)(x, t, y)
+    assert torch.allclose(guided, uncond + 4.0 * (cond - uncond), atol=1e-5)
+    quirk = CFGModel(model, scale=4.0, num_classes=10, guided_channels=3)(x, t, y)
+    assert torch.allclose(quirk[:, :3], guided[:, :3], atol=1e-6) and torch.allclose(quirk[:, 3:], cond[:, 3:],
+                                                                                        atol=1e-6)
 
 
 def test_bad_sit_name():

@@ -1,21 +1,19 @@
 """Training plumbing: parameter groups, EMA, deterministic data order, checkpoints, tracker modes."""
 
 import itertools
-import random
 
 import pytest
 import torch
 
-from sit_atconv.models import create_sit
-from sit_atconv.train.checkpoint import (
+from sit_atconv.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
+from sit_atconv.errors import CheckpointError
+from sit_atconv.models import create_sit
 from sit_atconv.train.data_order import ResumableBatchSampler, global_batch_indices
 from sit_atconv.train.ema import create_ema, update_ema
 from sit_atconv.train.optim import build_optimizer, param_groups
@@ -83,30 +81,39 @@ def test_data_order_resumes_exactly():
         ResumableBatchSampler(37, 9, 0, 2, seed=1)
 
 
+def _state(value: float) -> dict:
+    return {"model": {"w": torch.tensor([value])}, "ema": {}, "optimizer": {}, "scheduler": {}, "config": {}}
+
+
 def test_checkpoints_keep_last_and_every_nth(tmp_path):
     for step in range(1, 11):
-        save_checkpoint(tmp_path, step, {"model": {"w": torch.tensor([float(step)])}}, keep_last=2, keep_every=4)
+        save_checkpoint(tmp_path, step, _state(float(step)), keep_last=2, keep_every=4)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 8, 9, 10]
     assert latest_checkpoint(tmp_path).name == "step_0000010.pt"
     state = load_checkpoint(tmp_path)
     assert state["step"] == 10 and state["model"]["w"].item() == 10.0
     assert not list(tmp_path.glob("checkpoints/*.tmp")) and not list(tmp_path.glob("checkpoints/.*"))
+    for step in range(11, 14):  # keep_last 0 keeps every checkpoint (0 is not "default")
+        save_checkpoint(tmp_path, step, _state(float(step)), keep_last=0, keep_every=0)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 8, 9, 10, 11, 12, 13]
+    with pytest.raises(ValueError, match="lacks"):
+        save_checkpoint(tmp_path, 14, {"model": {}}, keep_last=2, keep_every=0)
+
+
+def test_checkpoint_paths_resolve_with_one_line_errors(tmp_path):
+    save_checkpoint(tmp_path / "runs" / "a", 3, _state(3.0), keep_last=2, keep_every=0)
+    assert resolve_checkpoint(tmp_path / "runs" / "a").name == "step_0000003.pt"
     (tmp_path / "empty_run").mkdir()
-    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    with pytest.raises(CheckpointError, match="no checkpoints"):
         resolve_checkpoint(tmp_path / "empty_run")
-    with pytest.raises(FileNotFoundError, match="no such"):
+    with pytest.raises(CheckpointError, match=r"holds run folders \(a\): pass one of them"):
+        resolve_checkpoint(tmp_path / "runs")  # the results folder, not a run
+    with pytest.raises(CheckpointError, match="no such"):
         resolve_checkpoint(tmp_path / "missing")
-
-
-def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    random.seed(5)
-    torch.manual_seed(5)
-    save_checkpoint(tmp_path, 1, {"rng": rng_state()}, keep_last=1, keep_every=0)
-    expected = (random.random(), torch.rand(3))
-    random.seed(0)
-    torch.manual_seed(0)
-    set_rng_state(load_checkpoint(tmp_path)["rng"])
-    assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
+    bad = tmp_path / "zero.pt"
+    bad.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="zero.pt: unreadable or truncated"):
+        load_checkpoint(bad)
 
 
 def test_wandb_mode_never_online_without_key(monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ import torch
 
 from sit_atconv.transport import (
     DIFFUSION_FORMS,
+    ODE_METHODS,
     CFGModel,
     Sampler,
     create_transport,
@@ -482,3 +483,16 @@ def test_cfg_with_sampler_extrapolates_gaussian_means():
     )
     x2 = Sampler(transport).sample_ode(atol=1e-9, rtol=1e-9)(z, model, y=y)
     torch.testing.assert_close(x1, x2, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ODE_METHODS)
+def test_every_listed_ode_method_is_a_torchdiffeq_method(method):
+    """Our method table uses torchdiffeq's public names: each one integrates dx/dt = -x to e^-1."""
+    from torchdiffeq import odeint
+
+    from sit_atconv.transport import ADAPTIVE_ODE_METHODS
+
+    ts = torch.linspace(0.0, 1.0, 65, dtype=torch.float64)
+    options = {"step_t": ts[-1:]} if method in ADAPTIVE_ODE_METHODS else None
+    x1 = odeint(lambda t, x: -x, torch.ones(2, dtype=torch.float64), ts, method=method, options=options)[-1]
+    assert torch.allclose(x1, torch.full((2,), math.exp(-1.0), dtype=torch.float64), atol=1e-2)

@@ -43,15 +43,14 @@ def digits_split(seed: int = 0,
 class DigitsDataset(Dataset):
     """(1 x S x S image in [-1, 1], label) for one split of the digits; held in memory."""
 
-    def __init__(self, split: Literal["train", "held_out", "all"] = "train", image_size: int = 16,
-                 random_flip: bool = False, seed: int = 0):
+    def __init__(self, split: Literal["train", "held_out", "all"] = "train", image_size: int = 16, seed: int = 0):
         images, labels = load_digits_tensors(image_size)
         if split != "all":
             if split not in ("train", "held_out"):
                 raise ValueError(f"split must be 'train', 'held_out' or 'all', got {split!r}")
             idx = torch.from_numpy(digits_split(seed)[0 if split == "train" else 1])
             images, labels = images[idx], labels[idx]
-        self.images, self.labels, self.random_flip = images, labels, random_flip
+        self.images, self.labels = images, labels
         self.image_size = image_size
 
     num_classes = NUM_CLASSES
@@ -69,4 +68,4 @@ class DigitsDataset(Dataset):
         return (image.flip(-1) if flip else image), int(self.labels[index])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.load(index, self.random_flip and bool(torch.rand(()) < 0.5))
+        return self.load(index, False)

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sit_atconv.config import ConfigError, DataConfig
+from ..errors import ConfigError
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+SD_VAE_ID = "stabilityai/sd-vae-ft-ema"  # the SiT/DiT autoencoder (SPEC §2)
+SD_VAE_SCALE = 0.18215  # its latent scale
 
 
 class AutoencoderError(ConfigError):
@@ -91,7 +92,7 @@ def _load_autoencoder_kl(source: str, dtype: torch.dtype):
 class VAEAutoencoder(Autoencoder):
     """A diffusers AutoencoderKL (hub id or local folder); latents are multiplied by `scale`."""
 
-    def __init__(self, source: str = DEFAULT_VAE, scale: float = 0.18215, dtype: torch.dtype = torch.float32):
+    def __init__(self, source: str = SD_VAE_ID, scale: float = SD_VAE_SCALE, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.name, self.scale = str(source), float(scale)
         self.vae = _load_autoencoder_kl(str(source), dtype).eval().requires_grad_(False)
@@ -121,8 +122,9 @@ class VAEAutoencoder(Autoencoder):
         return images.float().clamp(-1.0, 1.0)
 
 
-def build_autoencoder(data_cfg: DataConfig, dtype: torch.dtype = torch.float32) -> Autoencoder:
-    """Identity (1 channel for digits, else 3) or a VAE scaled by `data_cfg.latent_scale`."""
-    if data_cfg.autoencoder == "identity":
-        return IdentityAutoencoder(1 if data_cfg.source == "digits" else 3)
-    return VAEAutoencoder(data_cfg.autoencoder, data_cfg.latent_scale, dtype)
+def load_autoencoder(source: str, scale: float = SD_VAE_SCALE, channels: int = 3,
+                     dtype: torch.dtype = torch.float32) -> Autoencoder:
+    """'identity' (pixel space with `channels` channels) or a diffusers VAE (hub id or folder) scaled by `scale`."""
+    if source == "identity":
+        return IdentityAutoencoder(channels)
+    return VAEAutoencoder(source, scale, dtype)

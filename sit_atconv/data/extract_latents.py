@@ -19,10 +19,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from sit_atconv.config import CLIParser, ConfigError, DataConfig
-from sit_atconv.data.encoders import Autoencoder, IdentityAutoencoder, VAEAutoencoder
-from sit_atconv.data.images import DataError, load_image, scan_image_folder
-from sit_atconv.data.latents import (
+from ..cli import CLIParser, positive_int, run_cli
+from ..errors import ConfigError, DataError
+from ..io import atomic_write, write_text_atomic
+from .encoders import SD_VAE_ID, SD_VAE_SCALE, Autoencoder, load_autoencoder
+from .images import load_image, scan_image_folder
+from .latents import (
     FORMAT,
     LABELS,
     MANIFEST,
@@ -31,7 +33,6 @@ from sit_atconv.data.latents import (
     shard_indices,
     shard_path,
 )
-from sit_atconv.io import atomic_write
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -69,7 +70,7 @@ def _prepare_store(out: Path, manifest: dict, labels: list[int]) -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         _save_npy(np.asarray(labels, dtype=np.int64), out / LABELS)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+        write_text_atomic(path, json.dumps(manifest, indent=1))
 
 
 def extract_latents(data_path: str | os.PathLike, out: str | os.PathLike, autoencoder: Autoencoder, *,
@@ -127,28 +128,27 @@ def extract_latents(data_path: str | os.PathLike, out: str | os.PathLike, autoen
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    defaults = DataConfig()
-    p = CLIParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = CLIParser(__doc__, prog="python -m sit_atconv.data.extract_latents")
     p.add_argument("--data-path", required=True, help="image folder (class subfolders, or flat)")
     p.add_argument("--out", required=True, help="store folder to create or resume")
-    p.add_argument("--image-size", type=int, default=defaults.image_size, help="ADM centre-crop side")
-    p.add_argument("--autoencoder", default=defaults.autoencoder, help="hub id, local folder, or identity")
-    p.add_argument("--latent-scale", type=float, default=defaults.latent_scale, help="latent multiplier")
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoder call (x2 with flips)")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
+    p.add_argument("--image-size", type=positive_int, default=256, help="ADM centre-crop side (default: 256)")
+    p.add_argument("--autoencoder", default=SD_VAE_ID, help=f"hub id, local folder, or identity (default: {SD_VAE_ID})")
+    p.add_argument("--latent-scale", type=float, default=SD_VAE_SCALE,
+                   help=f"latent multiplier (default: {SD_VAE_SCALE})")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per encoder call (x2 with flips)")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="images per shard file")
     p.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="stored latent precision")
-    args = p.parse_args(argv)
-    try:
-        ae = (IdentityAutoencoder(3) if args.autoencoder == "identity"
-              else VAEAutoencoder(args.autoencoder, args.latent_scale))
+
+    def body(args) -> int:
+        ae = load_autoencoder(args.autoencoder, args.latent_scale, channels=3)
         extract_latents(args.data_path, args.out, ae, image_size=args.image_size, batch_size=args.batch_size,
                         shard_size=args.shard_size, num_workers=args.num_workers, dtype=args.dtype)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return 0
+
+    return run_cli(p, body, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

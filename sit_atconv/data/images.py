@@ -10,13 +10,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sit_atconv.config import ConfigError
+from ..errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-class DataError(ConfigError):
-    """A data problem the user must fix (missing folder, unreadable file, mismatched store); one line."""
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
@@ -68,10 +64,10 @@ def load_image(path: Path, image_size: int) -> torch.Tensor:
 
 
 class ImageFolderDataset(Dataset):
-    """(3xSxS image in [-1, 1], label) from an ImageNet-layout folder, with an optional random h-flip."""
+    """(3xSxS image in [-1, 1], label) from an ImageNet-layout folder; `load(i, flip)` gives the mirror too."""
 
-    def __init__(self, root: str | os.PathLike, image_size: int = 256, random_flip: bool = True):
-        self.root, self.image_size, self.random_flip = Path(root), image_size, random_flip
+    def __init__(self, root: str | os.PathLike, image_size: int = 256):
+        self.root, self.image_size = Path(root), image_size
         self.files, self.labels, self.classes = scan_image_folder(root)
 
     @property
@@ -91,4 +87,4 @@ class ImageFolderDataset(Dataset):
         return (image.flip(-1) if flip else image), self.labels[index]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.load(index, self.random_flip and bool(torch.rand(()) < 0.5))
+        return self.load(index, False)

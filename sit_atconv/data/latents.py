@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sit_atconv.data.images import DataError
+from ..errors import DataError
 
 FORMAT = "sit_atconv.latents.v1"
 MANIFEST = "manifest.json"
@@ -55,10 +55,10 @@ def missing_shards(store: str | os.PathLike, manifest: dict) -> list[int]:
 
 
 class LatentDataset(Dataset):
-    """(latent C x h x w float32, label) from a store; one of the two flips at random when `random_flip`."""
+    """(latent C x h x w float32, label) from a store; `load(i, flip=True)` gives the stored mirror's latent."""
 
-    def __init__(self, store: str | os.PathLike, random_flip: bool = True):
-        self.store, self.random_flip = Path(store), random_flip
+    def __init__(self, store: str | os.PathLike):
+        self.store = Path(store)
         self.manifest = read_manifest(store)
         missing = missing_shards(store, self.manifest)
         if missing:
@@ -105,4 +105,4 @@ class LatentDataset(Dataset):
         return torch.from_numpy(latent), int(self.labels[index])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.load(index, self.random_flip and bool(torch.rand(()) < 0.5))
+        return self.load(index, False)

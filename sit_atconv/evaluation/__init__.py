@@ -4,8 +4,9 @@
 `digits_features` is the offline extractor for the digits default, `train_digits_classifier` rebuilds it.
 """
 
+from ..errors import GenerationError
 from .digits_features import DIGITS_EXTRACTOR_NAME, DigitsFeatures
-from .generate import GenerationError, generate_samples
+from .generate import generate_samples
 from .run import evaluate, format_table
 
 __all__ = ["DIGITS_EXTRACTOR_NAME", "DigitsFeatures", "GenerationError", "evaluate", "format_table",

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 
+from ..checkpoint import load_tensors, safetensors_metadata
 from ..data.digits import NUM_CLASSES, DigitsDataset
+from ..errors import CheckpointError
 from ..models.attnet import AttNet
 from ..sampling import to_uint8
 
@@ -52,9 +52,7 @@ def digits_uint8(split: str = "held_out") -> torch.Tensor:
 
 def weights_metadata(path: str | os.PathLike = DIGITS_WEIGHTS) -> dict:
     """The training record stored with the weights (seed, steps, held-out accuracy)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get("record", "{}"))
+    return json.loads(safetensors_metadata(path).get("record", "{}"))
 
 
 class DigitsFeatures:
@@ -65,10 +63,10 @@ class DigitsFeatures:
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> None:
         path = Path(weights or DIGITS_WEIGHTS)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: digits classifier weights missing; rebuild them with "
-                                    "python -m sit_atconv.evaluation.train_digits_classifier")
+            raise CheckpointError(f"{path}: digits classifier weights missing; rebuild them with "
+                                  "python -m sit_atconv.evaluation.train_digits_classifier")
         self.model = build_classifier()
-        self.model.load_state_dict(load_file(str(path)))
+        self.model.load_state_dict(load_tensors(path))
         self.device = torch.device(device)
         self.model.to(self.device).eval().requires_grad_(False)
 

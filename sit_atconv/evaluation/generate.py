@@ -7,7 +7,7 @@ Layout of an output folder:
     png/000000.png ...       optional, one file per image
 
 Image i has label `i % num_classes` (balanced classes; 0 for unconditional runs) and is seeded by
-(seed, i) only, through `sampling.generate`. Shards are fixed by (N, shard size), and each shard is drawn
+(seed, i) only, through `ImageSampler.images`. Shards are fixed by (N, shard size), and each shard is drawn
 in the same batches whatever the number of processes, so the set is the same for 1 or 8 GPUs — exactly
 for fixed-step samplers, and even adaptive ODE solvers see identical batches. Process r draws the pending
 shards r, r + W, r + 2W, ... of the list the main process made; each shard is written atomically, so a
@@ -31,20 +31,15 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
-from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
-from ..io import atomic_write
+from ..errors import GenerationError
+from ..io import atomic_write, write_npz_atomic, write_text_atomic
 from ..metrics import Images
-from ..sampling import SamplingOptions, autoencoder_for, generate
+from ..sampling import ImageSampler, SamplingOptions
 
 MANIFEST_FORMAT = "sit_atconv.evaluation.samples/1"
 LABEL_RULE = "i % num_classes"
-
-
-class GenerationError(ValueError):
-    """Generation cannot start or finish as asked; the message is one line saying what to do."""
 
 
 def default_shard_size(num_samples: int) -> int:
@@ -81,13 +76,13 @@ def run_on_main(state: PartialState, fn: Callable[[], Any]) -> Any:
     return value
 
 
-def make_manifest(checkpoint: str | Path | None, step: int, cfg: TrainConfig, opts: SamplingOptions,
+def make_manifest(checkpoint: str | Path | None, step: int, num_classes: int, opts: SamplingOptions,
                   num_samples: int, seed: int, shard_size: int, use_ema: bool = True) -> dict:
-    """What defines the sample set; a restart must match it exactly."""
+    """What defines the sample set (`opts` resolved); a restart must match it exactly."""
     return {"format": MANIFEST_FORMAT, "checkpoint": checkpoint and str(Path(checkpoint).resolve()),
             "step": int(step), "ema": use_ema, "num_samples": int(num_samples), "seed": int(seed),
-            "shard_size": int(shard_size), "num_classes": cfg.model.num_classes, "labels": LABEL_RULE,
-            "options": _jsonable(asdict(opts.resolved(cfg)))}
+            "shard_size": int(shard_size), "num_classes": num_classes, "labels": LABEL_RULE,
+            "options": _jsonable(asdict(opts))}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -111,7 +106,7 @@ def _prepare(out_dir: Path, manifest: dict) -> list[int]:
     elif final.exists() or (out_dir / "shards").is_dir():
         raise GenerationError(f"{out_dir} holds samples but no manifest.json; pass another --out-dir.")
     else:
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
+        write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
     if final.is_file():
         return []
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
@@ -122,42 +117,37 @@ def _prepare(out_dir: Path, manifest: dict) -> list[int]:
 
 
 def _write_shard(path: Path, images: torch.Tensor, labels: torch.Tensor, indices: range) -> None:
-    arrays = {"arr_0": images.numpy(), "labels": labels.numpy(),
-              "indices": np.arange(indices.start, indices.stop)}
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
+    write_npz_atomic(path, arr_0=images.numpy(), labels=labels.numpy(), indices=np.arange(indices.start, indices.stop))
 
 
-def generate_samples(model: nn.Module, cfg: TrainConfig, opts: SamplingOptions, out_dir: str | Path, *,
+def generate_samples(sampler: ImageSampler, opts: SamplingOptions, out_dir: str | Path, *,
                      num_samples: int, seed: int = 0, checkpoint: str | Path | None = None, step: int = 0,
                      use_ema: bool = True, batch_size: int = 64, shard_size: int | None = None,
                      png: bool = False, state: PartialState | None = None, show_progress: bool = True
                      ) -> Path:
-    """Draw the missing shards on all processes, then assemble `out_dir/samples.npz` (returned everywhere)."""
+    """Draw the missing shards on all processes, then assemble `out_dir/samples.npz` (returned everywhere).
+
+    `opts` must be resolved (`SamplingOptions.resolved`); `sampler.model` lives on `state.device`.
+    """
     if num_samples < 1:
         raise GenerationError(f"--num-samples must be positive; got {num_samples}.")
     state = state or process_state()
     out_dir = Path(out_dir)
     shard_size = shard_size or default_shard_size(num_samples)
-    manifest = make_manifest(checkpoint, step, cfg, opts, num_samples, seed, shard_size, use_ema)
+    manifest = make_manifest(checkpoint, step, sampler.num_classes, opts, num_samples, seed, shard_size, use_ema)
     pending = run_on_main(state, lambda: _prepare(out_dir, manifest))
     mine = pending[state.process_index::state.num_processes]
-    autoencoder = autoencoder_for(cfg, state.device)
     todo = sum(min(shard_size, num_samples - k * shard_size) for k in mine)
     bar = tqdm(total=todo, unit="img", desc=f"sampling (main process of {state.num_processes})",
                disable=not (show_progress and state.is_main_process and todo))
     for k in mine:
         indices = range(k * shard_size, min((k + 1) * shard_size, num_samples))
-        labels = sample_labels(indices, cfg.model.num_classes)
+        labels = sample_labels(indices, sampler.num_classes)
         parts = []
         for start in range(0, len(indices), batch_size):
             idx = indices[start:start + batch_size]
-            parts.append(generate(model, cfg, opts, labels[start:start + batch_size], idx, seed,
-                                  autoencoder, state.device, batch_size, show_progress=False))
+            parts.append(sampler.images(opts, labels[start:start + batch_size], idx, seed, state.device,
+                                        batch_size, show_progress=False))
             bar.update(len(idx))
         _write_shard(shard_path(out_dir, k), torch.cat(parts), labels, indices)
     bar.close()

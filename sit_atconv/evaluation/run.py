@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from ..config import load_config
-from ..io import atomic_write
+from ..build import load_run, run_dir_for
+from ..config_io import load_config
+from ..errors import ConfigError, GenerationError
+from ..io import write_text_atomic
 from ..metrics import INCEPTION_NAME, InceptionV3Features, compute_metrics, load_reference
-from ..sampling import SamplingOptions, load_run
-from ..train.trainer import run_dir_for
+from ..sampling import SamplingOptions
 from .digits_features import DigitsFeatures, digits_uint8
-from .generate import GenerationError, generate_samples, process_state, run_on_main
+from .generate import generate_samples, process_state, run_on_main
 
 DIGITS_NUM_SAMPLES = 1000  # digits default N: ~1 min of sampling on 2 CPU cores
 NUM_SAMPLES = 50_000  # FID-50K (ADM protocol) for every other run
@@ -33,13 +34,42 @@ DIGITS_REFERENCE = "held-out digits"
 ROWS = ("fid", "fid_floor", "sfid", "is", "kid", "precision", "recall")
 
 
-def sampler_tag(opts: SamplingOptions) -> str:
-    """A folder-name summary of resolved sampler options, e.g. ode-euler-32_cfg2."""
-    return f"{opts.mode}-{opts.sampling_method}-{opts.num_steps}_cfg{opts.cfg_scale:g}"
-
-
 def _metrics_only_dir(samples: Path) -> Path:
     return samples.parent / f"{samples.stem if samples.is_file() else samples.name}_eval"
+
+
+def _extractor_kind(extractor: str, ref, metrics, inception_weights) -> str:
+    """'inception' or 'digits', refusing combinations that cannot be scored."""
+    if extractor not in EXTRACTORS:
+        raise ConfigError(f"--extractor must be one of {EXTRACTORS}; got {extractor!r}.")
+    kind = extractor if extractor != "auto" else ("inception" if ref else "digits")
+    if kind == "inception" and ref is None:
+        raise ConfigError("Inception metrics need a reference: pass --ref (ADM batch .npz, folder or stats).")
+    if kind == "digits" and metrics and "sfid" in metrics:
+        raise ConfigError("sfid needs Inception spatial features: pass --ref, or drop sfid from --metrics.")
+    if inception_weights is not None and kind != "inception":
+        raise ConfigError("--inception-weights applies to the Inception extractor: pass --ref too.")
+    if ref is not None and not Path(ref).exists():
+        raise ConfigError(f"{ref}: no such reference .npz file or image folder.")
+    return kind
+
+
+def _load_for_generation(ckpt, kind: str, ref, num_samples: int | None, seed: int, out_dir, opts: SamplingOptions,
+                         use_ema: bool, device):
+    """(loaded run, resolved options, N, output folder, report info) for a sampling request."""
+    if ckpt is None and not (ckpt := run_dir_for(load_config())).exists():
+        raise ConfigError(f"{ckpt}: the default digits run is not trained yet; run python train.py first, "
+                          "or pass --ckpt RUN.")
+    run = load_run(ckpt, device, use_ema=use_ema)
+    if kind == "digits" and ref is None and run.cfg.data.source != "digits":
+        raise ConfigError(f"{run.path} is not a digits run: pass --ref (an ADM reference batch such as "
+                          "VIRTUAL_imagenet256_labeled.npz) for Inception metrics.")
+    if num_samples is None:
+        num_samples = DIGITS_NUM_SAMPLES if run.cfg.data.source == "digits" else NUM_SAMPLES
+    resolved = opts.resolved(run.cfg.transport)
+    out_dir = Path(out_dir or run.run_dir / "eval" / f"step{run.step:07d}_{resolved.tag()}_n{num_samples}_seed{seed}")
+    info = {"checkpoint": str(run.path), "step": run.step, "ema": use_ema, "seed": seed, "sampler": asdict(resolved)}
+    return run, resolved, num_samples, out_dir, info
 
 
 def evaluate(*, ckpt: str | Path | None = None, samples: str | Path | None = None,
@@ -53,39 +83,19 @@ def evaluate(*, ckpt: str | Path | None = None, samples: str | Path | None = Non
     `metrics`: a subset of fid, sfid, is, kid, precision, recall (None: all the extractor supports).
     """
     state = state or process_state()
-    opts = opts or SamplingOptions()
-    if extractor not in EXTRACTORS:
-        raise ValueError(f"--extractor must be one of {EXTRACTORS}; got {extractor!r}.")
-    kind = extractor if extractor != "auto" else ("inception" if ref else "digits")
-    if kind == "inception" and ref is None:
-        raise ValueError("Inception metrics need a reference: pass --ref (ADM batch .npz, folder or stats).")
-    if kind == "digits" and metrics and "sfid" in metrics:
-        raise ValueError("sfid needs Inception spatial features: pass --ref, or drop sfid from --metrics.")
-    if inception_weights is not None and kind != "inception":
-        raise ValueError("--inception-weights applies to the Inception extractor: pass --ref too.")
-    if ref is not None and not Path(ref).exists():
-        raise FileNotFoundError(f"{ref}: no such reference .npz file or image folder.")
+    kind = _extractor_kind(extractor, ref, metrics, inception_weights)
+    if samples is not None and (ckpt or num_samples is not None or png):
+        raise ConfigError("--samples scores existing images: drop --ckpt, --num-samples and --png.")
+    if num_samples is not None and num_samples < 1:
+        raise ConfigError(f"--num-samples must be a positive integer, got {num_samples}.")
     info: dict = {}
-    if samples is not None and (ckpt or num_samples or png):
-        raise ValueError("--samples scores existing images: drop --ckpt, --num-samples and --png.")
     if samples is None:
-        if ckpt is None and not (ckpt := run_dir_for(load_config())).exists():
-            raise FileNotFoundError(f"{ckpt}: the default digits run is not trained yet; run python train.py "
-                                    "first, or pass --ckpt RUN.")
-        model, cfg, step, path = load_run(ckpt, state.device, use_ema=use_ema)
-        if kind == "digits" and ref is None and cfg.data.source != "digits":
-            raise ValueError(f"{path} is not a digits run: pass --ref (an ADM reference batch such as "
-                             "VIRTUAL_imagenet256_labeled.npz) for Inception metrics.")
-        num_samples = num_samples or (DIGITS_NUM_SAMPLES if cfg.data.source == "digits" else NUM_SAMPLES)
-        resolved = opts.resolved(cfg)
-        out_dir = Path(out_dir or path.parent.parent / "eval" /
-                       f"step{step:07d}_{sampler_tag(resolved)}_n{num_samples}_seed{seed}")
-        info = {"checkpoint": str(path), "step": step, "ema": use_ema, "seed": seed,
-                "sampler": asdict(resolved)}
+        run, resolved, num_samples, out_dir, info = _load_for_generation(
+            ckpt, kind, ref, num_samples, seed, out_dir, opts or SamplingOptions(), use_ema, state.device)
     else:
         samples = Path(samples)
         if not samples.exists():
-            raise FileNotFoundError(f"{samples}: no such .npz file or image folder.")
+            raise ConfigError(f"{samples}: no such .npz file or image folder.")
         out_dir = Path(out_dir or _metrics_only_dir(samples))
     device = state.device
     features = {}
@@ -97,16 +107,15 @@ def evaluate(*, ckpt: str | Path | None = None, samples: str | Path | None = Non
 
     name = run_on_main(state, build)
     if samples is None:
-        samples = generate_samples(model, cfg, opts, out_dir, num_samples=num_samples, seed=seed,
-                                   checkpoint=path, step=step, use_ema=use_ema, batch_size=batch_size,
+        samples = generate_samples(run.sampler(), resolved, out_dir, num_samples=num_samples, seed=seed,
+                                   checkpoint=run.path, step=run.step, use_ema=use_ema, batch_size=batch_size,
                                    png=png, state=state, show_progress=show_progress)
     if not state.is_main_process:
         return None
     results = score(samples, features["x"], ref, out_dir, batch_size, device, metrics)
     del results["extractor"]  # reported as feature_extractor
     results.update(feature_extractor=name, samples=str(samples), out_dir=str(out_dir), **info)
-    text = json.dumps(results, indent=2) + "\n"
-    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(out_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
     return results
 
 

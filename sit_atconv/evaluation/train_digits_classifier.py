@@ -10,16 +10,15 @@ held-out split is used only for that number) and stores it in the file's metadat
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import json_metadata, save_tensors
+from ..cli import CLIParser, positive_int, run_cli
 from ..data.digits import DigitsDataset
-from ..io import save_safetensors
 from .digits_features import ARCH, DIGITS_WEIGHTS, build_classifier, digits_uint8, preprocess
 
 
@@ -53,17 +52,20 @@ def train_classifier(steps: int = 600, batch_size: int = 64, lr: float = 3e-3, s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = CLIParser(__doc__, prog="python -m sit_atconv.evaluation.train_digits_classifier")
     p.add_argument("--out", type=Path, default=DIGITS_WEIGHTS, help="weights file (.safetensors)")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)  # bit-reproducible on CPU
-    model, record = train_classifier(steps=args.steps, seed=args.seed)
-    save_safetensors(model.state_dict(), args.out, metadata={"record": json.dumps(record)})
-    print(f"held-out accuracy {record['held_out_accuracy']:.4f} (train {record['train_accuracy']:.4f}); "
-          f"wrote {args.out}")
-    return 0
+    p.add_argument("--steps", type=positive_int, default=600, help="AdamW steps (default: 600)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+
+    def body(args) -> int:
+        torch.set_num_threads(1)  # bit-reproducible on CPU
+        model, record = train_classifier(steps=args.steps, seed=args.seed)
+        save_tensors(model.state_dict(), args.out, metadata=json_metadata(record))
+        print(f"held-out accuracy {record['held_out_accuracy']:.4f} (train {record['train_accuracy']:.4f}); "
+              f"wrote {args.out}")
+        return 0
+
+    return run_cli(p, body, argv)
 
 
 if __name__ == "__main__":

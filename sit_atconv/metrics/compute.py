@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..errors import MetricInputError
 from .frechet import frechet_distance
 from .inception import InceptionV3Features
 from .reference import Images, load_reference
@@ -48,7 +49,7 @@ def _check_metrics(metrics: Sequence[str] | None) -> list[str] | None:
     metrics = [m.lower() for m in metrics]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}.")
+        raise MetricInputError(f"unknown metrics {unknown}; choose from {list(METRICS)}.")
     return metrics
 
 
@@ -65,14 +66,14 @@ def metrics_from_features(
 ) -> dict[str, float | int | str | None]:
     """Pure stage: metrics from two `FeatureSet`s (None = every metric they support)."""
     if samples.extractor != reference.extractor:
-        raise ValueError(
+        raise MetricInputError(
             f"features from different extractors: {samples.extractor!r} vs {reference.extractor!r}."
         )
     supported = available_metrics(samples, reference)
     metrics = _check_metrics(metrics)
     missing = sorted(set(metrics or ()) - set(supported))
     if missing:
-        raise ValueError(
+        raise MetricInputError(
             f"cannot compute {missing} with extractor {samples.extractor!r} and these inputs "
             f"(sfid needs spatial statistics on both sides, is needs logits, kid/precision/recall need "
             f"per-image features on both sides); computable: {supported}."
@@ -123,12 +124,12 @@ def compute_metrics(
     metrics = _check_metrics(metrics)
     images = None if isinstance(samples, FeatureSet) else Images(samples)  # bad inputs fail before any work
     if isinstance(reference, (str, os.PathLike)) and not os.path.exists(reference):
-        raise FileNotFoundError(f"{reference}: no such reference .npz file or image folder.")
+        raise MetricInputError(f"{reference}: no such reference .npz file or image folder.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if extractor is None:
         extractor = InceptionV3Features(inception_weights, device=device)
     elif inception_weights is not None:
-        raise ValueError("inception_weights applies to the default Inception extractor, not a custom one.")
+        raise MetricInputError("inception_weights applies to the default Inception extractor, not a custom one.")
     # Per-image features: required for an explicit KID/PR request, taken where available when metrics=None.
     want_pool = None if metrics is None else any(m in _NEEDS_POOL for m in metrics)
     if images is not None:

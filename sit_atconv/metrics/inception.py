@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
-from ..io import atomic_write, torch_load_safe
+from ..checkpoint import torch_load_safe
+from ..errors import MetricInputError, UserError
+from ..io import atomic_write
 
 INCEPTION_NAME = "inception-v3-compat"  # torch-fidelity's registered name for this network
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -27,7 +29,7 @@ SPATIAL_CHANNELS = 7
 DOWNLOAD_TIMEOUT_S = 30
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(UserError):
     """Inception weights neither given, cached nor downloadable; the message says how to provide them."""
 
 
@@ -68,7 +70,7 @@ def load_inception_weights(path: str | os.PathLike | None = None, download: bool
             _download(INCEPTION_URL, file)
     state = torch_load_safe(file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{file}: expected an InceptionV3 state dict (a dict of tensors).")
+        raise MetricInputError(f"{file}: expected an InceptionV3 state dict (a dict of tensors).")
     return state
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import MetricInputError
 from ..io import atomic_write
 from .inception import INCEPTION_NAME
 from .stats import Extractor, FeatureSet, extract_features, extractor_name
@@ -24,7 +25,7 @@ CACHE_FORMAT = "sit_atconv.metrics.reference/1"
 
 def _check_images(shape: tuple, dtype: np.dtype, where: str) -> None:
     if np.dtype(dtype) != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
-        raise ValueError(
+        raise MetricInputError(
             f"{where}: expected uint8 images (N, H, W, 3); got {np.dtype(dtype)} {tuple(shape)}."
         )
 
@@ -42,13 +43,13 @@ class Images:
         if path.is_dir():
             self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not self.files:
-                raise ValueError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder.")
+                raise MetricInputError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder.")
             self.count = len(self.files)
         elif path.is_file():
             shape, _ = self._npz_header()
             self.count = shape[0]
         else:
-            raise FileNotFoundError(f"{path}: no such .npz file or image folder.")
+            raise MetricInputError(f"{path}: no such .npz file or image folder.")
 
     def __len__(self) -> int:
         return self.count
@@ -56,7 +57,7 @@ class Images:
     def _open_member(self, archive: zipfile.ZipFile):
         member = f"{self.key}.npy"
         if member not in archive.namelist():
-            raise ValueError(f"{self.source}: no '{self.key}' array (has {sorted(archive.namelist())}).")
+            raise MetricInputError(f"{self.source}: no '{self.key}' array (has {sorted(archive.namelist())}).")
         return archive.open(member)
 
     @staticmethod
@@ -67,10 +68,10 @@ class Images:
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
-            raise ValueError(f"{where}: unsupported .npy format version {version}.")
+            raise MetricInputError(f"{where}: unsupported .npy format version {version}.")
         _check_images(shape, dtype, where)
         if fortran:
-            raise ValueError(f"{where}: Fortran-ordered array; save it C-contiguous.")
+            raise MetricInputError(f"{where}: Fortran-ordered array; save it C-contiguous.")
         return shape, dtype
 
     def _npz_header(self) -> tuple[tuple, np.dtype]:
@@ -78,7 +79,7 @@ class Images:
             with zipfile.ZipFile(self.source) as archive, self._open_member(archive) as stream:
                 return self._read_header(stream, f"{self.source}:{self.key}")
         except zipfile.BadZipFile:
-            raise ValueError(f"{self.source}: not an .npz archive.") from None
+            raise MetricInputError(f"{self.source}: not an .npz archive.") from None
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Yield consecutive uint8 (B, H, W, 3) batches; an .npz is read incrementally, not loaded whole."""
@@ -96,7 +97,7 @@ class Images:
                     n = min(batch_size, shape[0] - start)
                     data = stream.read(n * per_image)
                     if len(data) != n * per_image:
-                        raise ValueError(f"{self.source}:{self.key}: truncated array data.")
+                        raise MetricInputError(f"{self.source}:{self.key}: truncated array data.")
                     yield np.frombuffer(data, dtype=dtype).reshape(n, *shape[1:])
 
     @staticmethod
@@ -106,7 +107,7 @@ class Images:
             with Image.open(file) as image:
                 arrays.append(np.asarray(image.convert("RGB")))
         if len({a.shape for a in arrays}) > 1:
-            raise ValueError(f"{files[0].parent}: images differ in size; resize them to one size first.")
+            raise MetricInputError(f"{files[0].parent}: images differ in size; resize them to one size first.")
         return np.stack(arrays)
 
 
@@ -137,10 +138,10 @@ def _read_stats(npz, path: Path, prefix: str = "") -> tuple[np.ndarray, np.ndarr
     if mu_key not in npz.files:
         return None
     if sigma_key not in npz.files:
-        raise ValueError(f"{path}: has '{mu_key}' but no '{sigma_key}'.")
+        raise MetricInputError(f"{path}: has '{mu_key}' but no '{sigma_key}'.")
     mu, sigma = npz[mu_key], npz[sigma_key]
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(
+        raise MetricInputError(
             f"{path}: expected {mu_key} (D,) and {sigma_key} (D, D); got {mu.shape}, {sigma.shape}."
         )
     return mu.astype(np.float64), sigma.astype(np.float64)
@@ -149,11 +150,11 @@ def _read_stats(npz, path: Path, prefix: str = "") -> tuple[np.ndarray, np.ndarr
 def _load_cache(path: Path, npz, name: str, need_pool: bool | None) -> FeatureSet:
     stored = str(npz["extractor"])
     if stored != name:
-        raise ValueError(
+        raise MetricInputError(
             f"{path}: statistics from extractor {stored!r}, but metrics use {name!r}; recompute them."
         )
     if need_pool and "pool" not in npz.files:
-        raise ValueError(f"{path}: no per-image features (needed for KID/precision/recall); recompute it.")
+        raise MetricInputError(f"{path}: no per-image features (needed for KID/precision/recall); recompute it.")
     mu, sigma = _read_stats(npz, path)
     spatial = _read_stats(npz, path, "_s") or (None, None)
     count = int(npz["count"])
@@ -177,7 +178,7 @@ def _cached(cache: Path, name: str, label: str, need_pool: bool | None) -> Featu
     with _open_npz(cache) as npz:
         keys = npz.files
         if "extractor" not in keys or "source" not in keys:
-            raise ValueError(
+            raise MetricInputError(
                 f"{cache}: not a statistics file written by save_reference; choose another path."
             )
         if str(npz["extractor"]) != name or str(npz["source"]) != label:
@@ -219,7 +220,7 @@ def _open_npz(path: Path):
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile):
-        raise ValueError(f"{path}: not an .npz archive.") from None
+        raise MetricInputError(f"{path}: not an .npz archive.") from None
 
 
 def _load_uncached(
@@ -237,9 +238,9 @@ def _load_uncached(
         spatial = spatial or (None, None)
         if not has_images:
             if stored is None:
-                raise ValueError(f"{path}: no 'arr_0' images and no stored statistics usable with {name!r}.")
+                raise MetricInputError(f"{path}: no 'arr_0' images and no stored statistics usable with {name!r}.")
             if need_pool:
-                raise ValueError(f"{path}: no 'arr_0' images for per-image features (KID/precision/recall).")
+                raise MetricInputError(f"{path}: no 'arr_0' images for per-image features (KID/precision/recall).")
             return FeatureSet(name, None, *stored, *spatial)
         if stored is not None and need_pool is False:
             return FeatureSet(name, len(Images(path)), *stored, *spatial)

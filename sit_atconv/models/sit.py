@@ -10,13 +10,13 @@ import re
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from ..layers.atconv import ATConv
 from ..layers.embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
-from ..transport.guidance import cfg_combine
 
 MIXERS = ("attn", "atconv", "hybrid")
 
@@ -91,7 +91,8 @@ class SiT(nn.Module):
     """Scalable Interpolant Transformer with per-block token mixers (SPEC §2).
 
     `forward(x, t, y)` returns the prediction with x's channels (the sigma half of a
-    `learn_sigma` model is dropped, as in the reference); `forward_with_cfg` guides it.
+    `learn_sigma` model is dropped, as in the reference). Guidance wraps the model from outside
+    (`sit_atconv.transport.CFGModel`): the network knows nothing of sampling.
     """
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
@@ -144,11 +145,9 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x: Tensor) -> Tensor:
-        """(B, T, p*p*C) tokens -> (B, C, H, W) images."""
-        p, c = self.patch_size, self.out_channels
+        """(B, T, p*p*C) tokens -> (B, C, H, W) images (token order row-major, patch pixels then channels)."""
         h, w = self.grid_size
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, w=w, p=self.patch_size, q=self.patch_size)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop: Tensor | None = None) -> Tensor:
         """x: (B, C, H, W) latents, t: (B,) times in [0, 1] (t = 1 is data), y: (B,) labels."""
@@ -160,18 +159,6 @@ class SiT(nn.Module):
             tokens = block(tokens, c)
         out = self.unpatchify(self.final_layer(tokens, c))
         return out[:, : self.in_channels] if self.learn_sigma else out
-
-    def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float,
-                         guided_channels: int | None = None) -> Tensor:
-        """Classifier-free guidance on a batch whose second half carries the null label.
-
-        Guides all channels by default; `guided_channels=3` reproduces the reference's quirk of
-        guiding only the first three channels. Returns the guided half duplicated, as DiT/SiT do.
-        """
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        guided = cfg_combine(*out.chunk(2), cfg_scale, guided_channels)
-        return torch.cat([guided, guided])
 
 
 _SIT_NAME = re.compile(r"^SiT-(S|B|L|XL)/(\d+)$")

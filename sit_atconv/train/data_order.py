@@ -13,6 +13,11 @@ import torch
 from torch.utils.data import Sampler
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one (step, rank): noise, times and label dropout of that step."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_samples, generator=generator)

@@ -7,6 +7,7 @@ from .guidance import CFGModel, cfg_combine
 from .objective import LOSS_WEIGHTS, PREDICTIONS, Transport, create_transport, default_eps
 from .paths import PATHS, GVPPath, LinearPath, Path, VPPath, expand_t
 from .solvers import (
+    ADAPTIVE_ODE_METHODS,
     DIFFUSION_FORMS,
     FIXED_STEP_ODE_METHODS,
     LAST_STEPS,
@@ -19,6 +20,7 @@ from .solvers import (
 )
 
 __all__ = [
+    "ADAPTIVE_ODE_METHODS",
     "CFGModel",
     "DIFFUSION_FORMS",
     "FIXED_STEP_ODE_METHODS",

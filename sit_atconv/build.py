@@ -1,0 +1,210 @@
+"""Config -> objects, and run folder -> checkpoint: the one layer the trainer, sampler and evaluator stand on.
+
+- `build_model`, `build_transport`, `build_autoencoder`, `build_dataset`, `build_task`, `image_sampler`:
+  what a `RunConfig` describes, with shapes and classes checked against each other;
+- run-folder policy: `run_dir_for` (where a run lives), `resume_state` (which checkpoint to continue,
+  refusing anything that would overwrite other work or mix models);
+- `load_run`: a checkpoint file or run folder -> the trained network and everything needed to sample it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from .config import RunConfig, config_to_dict
+from .config_io import config_from_dict
+from .data import (
+    SD_VAE_ID,
+    SD_VAE_SCALE,
+    Autoencoder,
+    DigitsDataset,
+    ImageFolderDataset,
+    LatentDataset,
+    MirroredByIndex,
+    Unconditional,
+    load_autoencoder,
+)
+from .data.latents import read_manifest
+from .errors import DataError, RunError
+from .models.sit import SiT
+from .sampling import ImageSampler, SamplingOptions
+from .tasks import DiffusionTask, Task
+from .transport import Transport, create_transport
+
+# ---------------------------------------------------------------------------------------- config -> objects
+
+
+def resolve_data(cfg: RunConfig) -> RunConfig:
+    """Fill `data.autoencoder` / `data.latent_scale` left at none: from a latent store's manifest (what its
+    latents were encoded with), identity for digits, else SD-VAE. Given values are kept (and checked
+    against the store by `build_dataset`)."""
+    d = cfg.data
+    store = None
+    if (d.autoencoder is None or d.latent_scale is None) and d.source == "latents" and d.data_path:
+        store = read_manifest(d.data_path)
+    autoencoder = d.autoencoder or (store["autoencoder"] if store else
+                                    "identity" if d.source == "digits" else SD_VAE_ID)
+    scale = d.latent_scale
+    if scale is None and autoencoder != "identity":
+        scale = float(store["scale"]) if store else SD_VAE_SCALE
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, autoencoder=autoencoder, latent_scale=scale))
+
+
+def build_model(cfg: RunConfig) -> SiT:
+    """The SiT a config describes (a zoo row or an explicit architecture)."""
+    m = cfg.model
+    return SiT(**m.architecture(), mixer=m.mixer, input_size=m.input_size, in_channels=m.in_channels,
+               num_classes=m.num_classes, learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
+               kernel_size=m.kernel_size, kernel_pool=m.kernel_pool)
+
+
+def build_transport(cfg: RunConfig) -> Transport:
+    t = cfg.transport
+    return create_transport(t.path_type, t.prediction, t.loss_weight, t.train_eps, t.sample_eps)
+
+
+def build_autoencoder(cfg: RunConfig, device: torch.device | str = "cpu") -> Autoencoder:
+    """Pixels <-> model inputs: identity (1 channel for digits, else 3) or the configured VAE, frozen."""
+    d = resolve_data(cfg).data
+    scale = SD_VAE_SCALE if d.latent_scale is None else d.latent_scale  # identity ignores it
+    return load_autoencoder(d.autoencoder, scale, 1 if d.source == "digits" else 3).to(device).eval()
+
+
+def _source_dataset(cfg: RunConfig) -> Dataset:
+    d = cfg.data
+    if d.source == "digits":
+        return DigitsDataset("train", d.image_size)
+    if d.data_path is None:
+        kind = "an image folder" if d.source == "images" else "a latent store"
+        raise DataError(f"data.data_path is not set for data.source={d.source}; pass --data-path to {kind}")
+    if d.source == "images":
+        return ImageFolderDataset(d.data_path, d.image_size)
+    store = LatentDataset(d.data_path)
+    if store.autoencoder != d.autoencoder:
+        raise DataError(f"{store.store}: latents were encoded with '{store.autoencoder}' but data.autoencoder is "
+                        f"'{d.autoencoder}' (used to decode samples); pass --data.autoencoder {store.autoencoder} "
+                        "or leave it unset")
+    if d.latent_scale is not None and abs(store.scale - d.latent_scale) > 1e-9 * max(1.0, store.scale):
+        raise DataError(f"{store.store}: latents were scaled by {store.scale} but data.latent_scale is "
+                        f"{d.latent_scale}; pass --data.latent_scale {store.scale} or leave it unset")
+    return store
+
+
+def build_dataset(cfg: RunConfig, autoencoder: Autoencoder | None = None) -> Dataset:
+    """Training (input, label) pairs for `cfg.data`, checked against the model's input shape and classes.
+
+    Image folders give pixels, which the task encodes with `autoencoder` (pass it to check shapes). With
+    `data.random_flip`, both orientations are items (`MirroredByIndex`). num_classes 1: every label is 0.
+    """
+    cfg = resolve_data(cfg)
+    d, m = cfg.data, cfg.model
+    ds = _source_dataset(cfg)
+    if d.source == "latents" or d.autoencoder == "identity":
+        shape, what = ds.sample_shape, f"{d.source} data"
+    else:
+        ae = autoencoder or build_autoencoder(cfg)
+        shape, what = ae.latent_shape(d.image_size), f"autoencoder '{ae.name}'"
+    expected = (m.in_channels, m.input_size, m.input_size)
+    if tuple(shape) != expected:
+        c, h, _ = shape
+        raise DataError(f"{what} gives {c}x{h}x{h} model inputs but the model expects "
+                        f"{'x'.join(map(str, expected))}; pass --model.in_channels {c} --model.input_size {h} "
+                        "(or change data.image_size)")
+    if m.num_classes == 1:
+        ds = Unconditional(ds)
+    elif ds.num_classes > m.num_classes:
+        raise DataError(f"the data has {ds.num_classes} classes but model.num_classes is {m.num_classes}; "
+                        f"pass --model.num_classes {ds.num_classes}")
+    return MirroredByIndex(ds) if d.random_flip else ds
+
+
+def latent_shape(cfg: RunConfig) -> tuple[int, int, int]:
+    m = cfg.model
+    return (m.in_channels, m.input_size, m.input_size)
+
+
+def image_sampler(cfg: RunConfig, model: nn.Module, autoencoder: Autoencoder) -> ImageSampler:
+    return ImageSampler(model, build_transport(cfg), autoencoder, latent_shape(cfg), cfg.model.num_classes)
+
+
+def build_task(cfg: RunConfig, autoencoder: Autoencoder, device: torch.device | str = "cpu") -> Task:
+    """The training task: diffusion on the configured data (VAE-encoding image batches on the fly)."""
+    encode = cfg.data.source == "images" and resolve_data(cfg).data.autoencoder != "identity"
+    return DiffusionTask(build_transport(cfg), autoencoder, latent_shape(cfg), cfg.model.num_classes,
+                         SamplingOptions().resolved(cfg.transport), cfg.train.seed,
+                         encoder=autoencoder if encode else None, device=device)
+
+
+# ------------------------------------------------------------------------------------ run-folder policy
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """RESULTS/<log.run_name>, or RESULTS/<model>-<mixer>-<data source> when no name is given."""
+    name = cfg.log.run_name or f"{cfg.model.tag()}-{cfg.model.mixer}-{cfg.data.source}"
+    return Path(cfg.log.results_dir) / name
+
+
+def resume_state(cfg: RunConfig, run_dir: Path) -> dict | None:
+    """The checkpoint to continue (`train.resume`), loaded and checked; None for a new run.
+
+    Refuses what would overwrite work or mix runs: `none` on a folder with checkpoints, or a checkpoint
+    of a different model.
+    """
+    resume = cfg.train.resume
+    if resume == "none":
+        if list_checkpoints(run_dir):
+            raise RunError(f"{run_dir} already holds checkpoints; continue it with --resume auto, "
+                           "or start a new run with --run-name NEW_NAME")
+        return None
+    if resume == "auto":
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            return None
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise RunError(f"--resume {resume}: no such checkpoint file; pass a .pt from a run's checkpoints/ folder")
+    state = load_checkpoint(path)
+    saved = config_from_dict(state["config"]).model
+    if saved != cfg.model:
+        ours, theirs = config_to_dict(cfg)["model"], dataclasses.asdict(saved)
+        diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+        raise RunError(f"{path} was trained with a different model ({', '.join('model.' + k for k in diff)}); "
+                       "use --run-name NEW_NAME for a new run or restore those settings")
+    return state
+
+
+# -------------------------------------------------------------------------------------- trained runs
+
+@dataclass
+class LoadedRun:
+    """A trained network with what sampling it needs: its config, step, file and autoencoder."""
+
+    model: nn.Module
+    cfg: RunConfig
+    step: int
+    path: Path
+    autoencoder: Autoencoder
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent.parent
+
+    def sampler(self) -> ImageSampler:
+        return image_sampler(self.cfg, self.model, self.autoencoder)
+
+
+def load_run(ckpt: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> LoadedRun:
+    """A checkpoint file or run folder (its latest) -> the network in eval mode (EMA weights by default)."""
+    state = load_checkpoint(ckpt)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["ema" if use_ema else "model"])
+    model = model.to(device).eval().requires_grad_(False)
+    return LoadedRun(model, cfg, int(state["step"]), Path(state["path"]), build_autoencoder(cfg, device))

@@ -1,0 +1,154 @@
+"""The training loop: Accelerate, AdamW + schedule, EMA, checkpoints, metrics, previews — for any task.
+
+The loop knows nothing of diffusion: a task (`sit_atconv.tasks.Task`) turns a batch into a loss and may
+draw previews. Resume is "rerun the same command": the data order and every random draw of step s are
+pure functions of (seed, s, rank), so a run continued from a checkpoint is bit-identical to one that
+never stopped (same world size).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..checkpoint import save_checkpoint
+from ..config import RunConfig
+from .data_order import ResumableBatchSampler, step_seed
+from .ema import update_ema
+from .trackers import Tracker
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs from a run config, and nothing else."""
+
+    max_steps: int
+    global_batch_size: int
+    ema_decay: float
+    grad_clip: float | None
+    compile: bool
+    seed: int
+    num_workers: int
+    log_every: int
+    ckpt_every: int
+    sample_every: int
+    keep_last: int
+    keep_every: int
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> LoopSettings:
+        t, lg = cfg.train, cfg.log
+        return cls(t.max_steps, t.global_batch_size, t.ema_decay, cfg.optim.grad_clip, t.compile, t.seed,
+                   cfg.data.num_workers, lg.log_every, lg.ckpt_every, lg.sample_every, lg.keep_last,
+                   lg.keep_every or 0)
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds besides the config; `step` = optimizer steps taken."""
+
+    model: nn.Module
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+
+
+class _Meter:
+    """Running sums of the loss and task metrics since the last log, kept on device (no per-step sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.sums, self.count, self.tick = device, {}, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, extra: dict[str, torch.Tensor]) -> None:
+        for key, value in {"loss": loss, **extra}.items():
+            if key not in self.sums:
+                self.sums[key] = torch.zeros((), device=self.device)
+            self.sums[key] += value.detach()
+        self.count += 1
+
+    def flush(self, accelerator: Accelerator, global_batch: int) -> dict[str, float]:
+        """Means over steps and processes, plus throughput; resets the sums."""
+        elapsed = time.perf_counter() - self.tick
+        out = {k: accelerator.reduce(v / self.count, "mean").item() for k, v in self.sums.items()}
+        out.update(steps_per_sec=self.count / elapsed, images_per_sec=self.count * global_batch / elapsed)
+        for v in self.sums.values():
+            v.zero_()
+        self.count, self.tick = 0, time.perf_counter()
+        return out
+
+
+def _loader(dataset: Dataset, s: LoopSettings, accelerator: Accelerator, start_step: int) -> DataLoader:
+    sampler = ResumableBatchSampler(len(dataset), s.global_batch_size, accelerator.process_index,
+                                    accelerator.num_processes, s.seed, start_step)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=s.num_workers,
+                      pin_memory=accelerator.device.type == "cuda", persistent_workers=s.num_workers > 0)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+def training_loop(task, state: TrainState, dataset: Dataset, accelerator: Accelerator, run_dir: Path,
+                  settings: LoopSettings, tracker: Tracker, config_record: dict) -> None:
+    """Train `state` from `state.step` to `settings.max_steps` on `task`, logging and checkpointing."""
+    s, device, main = settings, accelerator.device, accelerator.is_main_process
+    step_model = torch.compile(state.model) if s.compile else state.model
+    step_model, state.optimizer = accelerator.prepare(step_model, state.optimizer)
+    batches, meter = iter(_loader(dataset, s, accelerator, state.step)), _Meter(device)
+    bar = tqdm(range(state.step, s.max_steps), initial=state.step, total=s.max_steps, desc="train",
+               unit="step", disable=not main, dynamic_ncols=True)
+    for step in bar:
+        torch.manual_seed(step_seed(s.seed, step, accelerator.process_index))
+        batch = task.prepare(_to_device(next(batches), device))
+        with accelerator.autocast():
+            loss, extra = task.loss(step_model, batch)
+        accelerator.backward(loss)
+        if s.grad_clip:
+            accelerator.clip_grad_norm_(state.model.parameters(), s.grad_clip)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        update_ema(state.ema, state.model, s.ema_decay)
+        meter.add(loss, extra)
+        state.step = done = step + 1
+        last = done == s.max_steps
+        if done % s.log_every == 0 or last:
+            metrics = {**meter.flush(accelerator, s.global_batch_size), "lr": state.scheduler.get_last_lr()[0]}
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss became {metrics['loss']} at step {done}; lower --optim.lr or "
+                                         "enable --optim.grad_clip")
+            tracker.log(metrics, done)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
+        if done % s.ckpt_every == 0 or last:
+            if main:
+                save_checkpoint(run_dir, done, {**state.state_dict(), "config": config_record},
+                                s.keep_last, s.keep_every)
+            accelerator.wait_for_everyone()
+        if s.sample_every and (done % s.sample_every == 0 or last):
+            if main and (image := task.preview(state.ema, done, run_dir)) is not None:
+                tracker.log_image("samples", image, done)
+            accelerator.wait_for_everyone()
+    bar.close()

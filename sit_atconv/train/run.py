@@ -1,0 +1,78 @@
+"""`train(cfg)`: build a run from its config (through `sit_atconv.build`), resume it, and drive the loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ..build import build_autoencoder, build_dataset, build_model, build_task, resolve_data, resume_state, run_dir_for
+from ..config import RunConfig, config_to_dict
+from ..config_io import save_config
+from ..errors import RunError
+from .ema import create_ema
+from .loop import LoopSettings, TrainState, training_loop
+from .optim import build_optimizer, warmup_schedule
+from .trackers import Tracker
+
+
+def _summary(cfg: RunConfig, n_params: int, accelerator: Accelerator) -> str:
+    m, t, world = cfg.model, cfg.train, accelerator.num_processes
+    a = m.architecture()
+    return (f"{m.name or 'SiT'} (depth {a['depth']}, width {a['hidden_size']}, patch {a['patch_size']}) | mixer "
+            f"{m.mixer} | {n_params / 1e6:.2f}M params | {world} process{'es' if world > 1 else ''} | global batch "
+            f"{t.global_batch_size} ({t.global_batch_size // world} per process) | precision {t.mixed_precision} | "
+            f"device {accelerator.device}")
+
+
+def _enable_tf32(accelerator: Accelerator) -> None:
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
+    """Train (or continue) the run `cfg` describes; returns its folder."""
+    cfg = resolve_data(cfg)
+    accelerator = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
+    _enable_tf32(accelerator)
+    world, device, o = accelerator.num_processes, accelerator.device, cfg.optim
+    if cfg.train.global_batch_size % world:
+        raise RunError(f"global batch {cfg.train.global_batch_size} is not divisible by {world} processes; "
+                       f"pass --global-batch-size as a multiple of {world}")
+    run_dir = run_dir_for(cfg)
+    resumed = resume_state(cfg, run_dir)
+
+    torch.manual_seed(cfg.train.seed)
+    autoencoder = build_autoencoder(cfg, device)
+    dataset = build_dataset(cfg, autoencoder)
+    model = build_model(cfg).to(device)
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps)
+    state = TrainState(model, create_ema(model), optimizer, warmup_schedule(optimizer, o.warmup_steps))
+    if resumed is not None:
+        state.load_state_dict(resumed)
+    start_step = state.step
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    accelerator.print(_summary(cfg, sum(p.numel() for p in model.parameters()), accelerator))
+    accelerator.print(f"run folder {run_dir} | " + (f"resuming from {resumed['path'].name} (step {start_step})"
+                                                     if resumed else "new run"))
+    record = config_to_dict(cfg)
+    tracker = Tracker(run_dir, cfg.log.trackers, record, cfg.log.wandb_project, cfg.log.run_name,
+                      enabled=accelerator.is_main_process)
+    try:
+        training_loop(build_task(cfg, autoencoder, device), state, dataset, accelerator, run_dir,
+                      LoopSettings.from_config(cfg), tracker, record)
+    finally:
+        tracker.close()
+    if start_step >= cfg.train.max_steps:
+        accelerator.print(f"{run_dir} is already at step {start_step} (max_steps {cfg.train.max_steps}); nothing "
+                          "to do. Raise --max-steps to train longer.")
+    else:
+        accelerator.print(f"done: step {cfg.train.max_steps}; checkpoints in {run_dir / 'checkpoints'}, "
+                          f"samples in {run_dir / 'samples'}, metrics in {run_dir / 'metrics.jsonl'}")
+    return run_dir
