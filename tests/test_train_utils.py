@@ -131,3 +131,14 @@ def test_tracker_writes_jsonl_and_tensorboard(tmp_path):
     tracker.close()
     assert (tmp_path / "metrics.jsonl").read_text().strip() == '{"step": 3, "loss": 0.5}'
     assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_one_seed_rule_keeps_streams_apart():
+    from sit_atconv.seeding import DATA_ORDER, IMAGE, TRAIN_STEP, derive_seed
+
+    assert derive_seed(IMAGE, 0, 5) == derive_seed(IMAGE, 0, 5) < 2**63
+    seeds = {derive_seed(tag, seed, i) for tag in (IMAGE, DATA_ORDER) for seed in range(3) for i in range(50)}
+    assert len(seeds) == 300  # no two streams share a seed
+    # arithmetic mixing (seed * 1_000_003 + epoch, as before) made these two the same stream
+    assert derive_seed(DATA_ORDER, 0, 1_000_003) != derive_seed(DATA_ORDER, 1, 0)
+    assert derive_seed(TRAIN_STEP, 0, 1, 0) != derive_seed(TRAIN_STEP, 0, 0, 1)

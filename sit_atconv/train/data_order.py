@@ -1,6 +1,6 @@
 """Deterministic, resumable data order: which samples every rank sees at every step.
 
-The order is a pure function of (seed, step): epoch e is a permutation drawn from seed + e, and
+The order is a pure function of (seed, step): epoch e is a permutation seeded by (seed, e), and
 global batch s takes the next `global_batch` indices, split across ranks. Resuming at step s needs
 no iterator state, and the same seed gives the same batches whatever the restart point.
 """
@@ -12,14 +12,11 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The torch seed of one (step, rank): noise, times and label dropout of that step."""
-    return (seed * 1_000_003 + step) * 1_009 + rank
+from ..seeding import DATA_ORDER, derive_seed
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(derive_seed(DATA_ORDER, seed, epoch))
     return torch.randperm(num_samples, generator=generator)
 
 

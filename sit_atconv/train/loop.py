@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import save_checkpoint
 from ..config import RunConfig
-from .data_order import ResumableBatchSampler, step_seed
+from ..seeding import TRAIN_STEP, derive_seed
+from .data_order import ResumableBatchSampler
 from .ema import update_ema
 from .trackers import Tracker
 
@@ -121,7 +122,7 @@ def training_loop(task, state: TrainState, dataset: Dataset, accelerator: Accele
     bar = tqdm(range(state.step, s.max_steps), initial=state.step, total=s.max_steps, desc="train",
                unit="step", disable=not main, dynamic_ncols=True)
     for step in bar:
-        torch.manual_seed(step_seed(s.seed, step, accelerator.process_index))
+        torch.manual_seed(derive_seed(TRAIN_STEP, s.seed, step, accelerator.process_index))  # this step's draws
         batch = task.prepare(_to_device(next(batches), device))
         with accelerator.autocast():
             loss, extra = task.loss(step_model, batch)
