@@ -17,6 +17,7 @@ from typing import Any, Literal
 from .data.encoders import SD_VAE_ID, SD_VAE_SCALE
 from .errors import ConfigError
 from .layers.atconv import KernelPool
+from .models.attnet import ATTNET_VARIANTS
 from .models.sit import MIXERS, PATCH_SIZES, SIT_SIZES, list_sit_models
 from .transport import LOSS_WEIGHTS, ODE_METHODS, PATHS, PREDICTIONS, SDE_METHODS
 
@@ -27,6 +28,8 @@ Prediction = Literal[PREDICTIONS]
 LossWeight = Literal[tuple(w for w in LOSS_WEIGHTS if w is not None)]
 
 ARCHITECTURE = ("depth", "hidden_size", "patch_size", "num_heads")
+CLASSIFIER_ARCHITECTURE = ("depths", "dims", "exp_rates", "glu_norm", "layer_scale")
+ATTNET_NAMES = tuple(f"attnet_{v}" for v in ATTNET_VARIANTS)
 
 
 def _f(default: Any, help: str) -> Any:
@@ -74,6 +77,49 @@ class ModelConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """The AttNet of a classification run: a zoo name, or an explicit architecture (name none)."""
+
+    name: str | None = _f("attnet_t2", f"AttNet variant ({', '.join(ATTNET_NAMES)}); none = the explicit "
+                          "architecture below")
+    depths: list[int] | None = _f(None, "blocks per stage (explicit architecture only)")
+    dims: list[int] | None = _f(None, "channels per stage (explicit architecture only)")
+    exp_rates: list[float] | None = _f(None, "GLU expansion per stage (explicit architecture only)")
+    glu_norm: bool | None = _f(None, "RMSNorm inside the GLU (explicit architecture only)")
+    layer_scale: bool | None = _f(None, "LayerScale on the residuals (explicit architecture only)")
+    in_chans: int = _f(3, "input channels")
+    num_classes: int = _f(1000, "classes")
+    input_size: int = _f(224, "training image side (evaluation resizes by crop_pct, as timm does)")
+    drop_path: float = _f(0.0, "stochastic depth rate (linearly increasing over blocks)")
+
+    def architecture(self) -> dict:
+        """AttNet constructor arguments of the zoo row or the explicit fields."""
+        if self.name is not None:
+            v = ATTNET_VARIANTS[self.name[len("attnet_"):]]
+            return {"depths": v.depths, "dims": v.dims, "exp_rates": v.exp_rates, "glu_norm": v.glu_norm,
+                    "layer_scale": v.layer_scale}
+        return {k: tuple(getattr(self, k)) if isinstance(getattr(self, k), list) else getattr(self, k)
+                for k in CLASSIFIER_ARCHITECTURE}
+
+    def tag(self) -> str:
+        return self.name or f"attnet-{'x'.join(map(str, self.depths))}-{'x'.join(map(str, self.dims))}"
+
+
+@dataclass
+class AugmentConfig:
+    """Classification inputs: timm's augmentation and regularisation (DeiT-style recipe)."""
+
+    rand_augment: str | None = _f(None, "RandAugment policy, e.g. rand-m9-mstd0.5-inc1; none = off")
+    color_jitter: float = _f(0.0, "colour jitter strength (0 = off)")
+    random_erase: float = _f(0.0, "random-erasing probability")
+    mixup: float = _f(0.0, "mixup alpha (0 = off)")
+    cutmix: float = _f(0.0, "cutmix alpha (0 = off)")
+    label_smoothing: float = _f(0.0, "label smoothing")
+    shift: int = _f(0, "random translation by up to this many pixels (tensor data such as digits)")
+    repeats: int = _f(1, "repeated augmentation: each image this many times in a row per epoch (DeiT: 3)")
+
+
+@dataclass
 class TransportConfig:
     path_type: PathType = _f("Linear", "interpolant path (t=0 noise, t=1 data)")
     prediction: Prediction = _f("velocity", "what the network predicts")
@@ -106,17 +152,23 @@ class OptimConfig:
     """The optimizer and its schedule."""
 
     lr: float = _f(1e-4, "AdamW learning rate (reached after warmup)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
+    lr_reference_batch: int | None = _f(None, "scale lr linearly: lr x global_batch_size / this; none = as given")
+    weight_decay: float = _f(0.0, "AdamW weight decay (never on biases, norms, difference_control)")
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas, e.g. 0.9,0.999")
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float | None = _f(None, "max gradient norm; none = no clipping")
     warmup_steps: int = _f(0, "linear LR warmup steps")
+    warmup_lr: float = _f(0.0, "learning rate the warmup starts from (0: the first step uses lr / warmup_steps)")
+    schedule: Literal["constant", "cosine"] = _f("constant", "after warmup: constant (SiT) or cosine to min_lr")
+    min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
 
 
 @dataclass
 class TrainConfig:
     """How long and how: batch, steps, EMA, precision, compile, seed, resume."""
 
+    task: Literal["diffusion", "classification"] = _f("diffusion", "what the run trains: the SiT (model, "
+                                                       "transport) or the AttNet (classifier, augment)")
     global_batch_size: int = _f(256, "batch summed over all processes")
     max_steps: int = _f(400_000, "training steps")
     ema_decay: float = _f(0.9999, "EMA decay per step")
@@ -133,7 +185,8 @@ class LogConfig:
     ckpt_every: int = _f(50_000, "steps between checkpoints")
     keep_last: int = _f(2, "rolling checkpoints kept (0 = all)")
     keep_every: int | None = _f(100_000, "checkpoints at multiples of this are never deleted")
-    sample_every: int = _f(10_000, "steps between preview grids (0 = never)")
+    preview_every: int = _f(10_000, "steps between previews: EMA sample grids (diffusion), held-out accuracy "
+                            "(classification); 0 = never")
     log_every: int = _f(100, "steps between metric logs")
     trackers: list[Literal["wandb", "tensorboard"]] = _f([], "experiment trackers, e.g. wandb,tensorboard")
     wandb_project: str = _f("sit_atconv", "wandb project name")
@@ -143,6 +196,8 @@ class LogConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -155,6 +210,7 @@ MOVED: dict[str, str] = {
     **{f"optim.{k}": f"train.{k}" for k in ("global_batch_size", "max_steps", "ema_decay", "mixed_precision",
                                             "compile", "seed")},
     "log.resume": "train.resume",
+    "log.sample_every": "log.preview_every",
 }
 
 
@@ -174,10 +230,14 @@ def _check(cond: bool, message: str) -> None:
 POSITIVE = ("model.depth", "model.hidden_size", "model.patch_size", "model.num_heads", "model.input_size",
             "model.in_channels", "model.num_classes", "model.kernel_size", "transport.num_steps",
             "data.image_size", "data.latent_scale", "optim.lr", "optim.eps", "optim.grad_clip",
-            "train.global_batch_size", "train.max_steps", "log.ckpt_every", "log.keep_every", "log.log_every")
+            "train.global_batch_size", "train.max_steps", "log.ckpt_every", "log.keep_every", "log.log_every",
+            "classifier.in_chans", "classifier.num_classes", "classifier.input_size", "optim.lr_reference_batch",
+            "augment.repeats")
 NON_NEGATIVE = ("transport.cfg_scale", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
-                "train.seed", "log.keep_last", "log.sample_every")
-UNIT_INTERVAL = ("model.class_dropout_prob", "train.ema_decay")  # [0, 1)
+                "optim.warmup_lr", "optim.min_lr", "train.seed", "log.keep_last", "log.preview_every",
+                "augment.color_jitter", "augment.mixup", "augment.cutmix", "augment.shift")
+UNIT_INTERVAL = ("model.class_dropout_prob", "train.ema_decay", "classifier.drop_path", "augment.random_erase",
+                 "augment.label_smoothing")  # [0, 1)
 
 
 def _get(cfg: RunConfig, key: str) -> Any:
@@ -208,6 +268,25 @@ def _validate_model(m: ModelConfig) -> None:
     _check(m.kernel_size % 2 == 1, f"model.kernel_size: must be odd, got {m.kernel_size}")
 
 
+def _validate_classifier(c: ClassifierConfig) -> None:
+    """A zoo variant or a complete explicit AttNet architecture with one entry per stage."""
+    given = [k for k in CLASSIFIER_ARCHITECTURE if getattr(c, k) is not None]
+    if c.name is not None:
+        _check(c.name in ATTNET_NAMES, f"classifier.name: {c.name!r} is not an AttNet variant"
+               + nearest(c.name, list(ATTNET_NAMES)) + f" ({', '.join(ATTNET_NAMES)}; or none)")
+        if given:
+            raise ConfigError(f"classifier.{given[0]}: set together with classifier.name={c.name}; give either a "
+                              "variant or an explicit architecture (classifier.name none)")
+        return
+    missing = [k for k in CLASSIFIER_ARCHITECTURE if getattr(c, k) is None]
+    if missing:
+        raise ConfigError(f"classifier.name is none, so the architecture is explicit: set classifier.{missing[0]} "
+                          f"(all of {', '.join(CLASSIFIER_ARCHITECTURE)})")
+    stages = {len(c.depths), len(c.dims), len(c.exp_rates)}
+    _check(len(stages) == 1, "classifier.depths, dims and exp_rates need one entry per stage each")
+    _check(min(c.depths + c.dims) > 0 and min(c.exp_rates) > 0, "classifier: depths, dims, exp_rates must be > 0")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Range and consistency checks that types alone cannot express; returns `cfg`."""
     for key in POSITIVE:
@@ -219,7 +298,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in UNIT_INTERVAL:
         _check(0.0 <= _get(cfg, key) < 1.0, f"{key}: must be in [0, 1), got {_get(cfg, key)}")
     _validate_model(cfg.model)
+    _validate_classifier(cfg.classifier)
     t, o, lg = cfg.transport, cfg.optim, cfg.log
+    if cfg.train.task == "classification":
+        _check(cfg.data.source in ("digits", "images"), f"data.source={cfg.data.source}: classification trains on "
+               "digits or an image folder (images)")
     methods = ODE_METHODS if t.sample_mode == "ode" else SDE_METHODS
     _check(t.sampling_method in methods,
            f"transport.sampling_method: {t.sampling_method!r} is not a {t.sample_mode} method "

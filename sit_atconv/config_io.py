@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -77,9 +78,12 @@ def _scalar(key: str, value: Any, tp: type, bad) -> Any:
             raise bad("an integer") from None
     if tp is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise bad("a number") from None
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return number
     if tp is str and isinstance(value, (str, int, float)):
         return str(value)
     raise bad("a string") if tp is str else TypeError(f"{key}: unsupported config type {tp}")

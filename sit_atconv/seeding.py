@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IMAGE, DATA_ORDER, TRAIN_STEP = 0, 1, 2  # stream tags
+IMAGE, DATA_ORDER, TRAIN_STEP, AUGMENT = 0, 1, 2, 3  # stream tags
 
 
 def derive_seed(*keys: int) -> int:

@@ -91,7 +91,7 @@ def test_shipped_values():
     ffhq = load_config("ffhq256")
     assert (ffhq.model.num_classes, ffhq.model.class_dropout_prob, ffhq.train.global_batch_size) == (1, 0.0, 128)
     tiny = load_config("tiny")
-    assert (tiny.model.depth, tiny.model.hidden_size, tiny.train.max_steps, tiny.log.sample_every) == (2, 32, 20, 0)
+    assert (tiny.model.depth, tiny.model.hidden_size, tiny.train.max_steps, tiny.log.preview_every) == (2, 32, 20, 0)
     assert parse_args([])[0] == digits  # --config defaults to digits
 
 

@@ -81,7 +81,8 @@ class ConstantTask:
         return out.square().mean(), {"abs_mean": out.abs().mean().detach()}
 
     def preview(self, model, step, run_dir):
-        return None
+        x = torch.zeros(1, 1, 16, 16)
+        return {"preview_abs": float(model(x, torch.full((1,), 0.5), torch.zeros(1, dtype=torch.long)).abs().mean())}
 
 
 def test_the_loop_drives_any_task(tmp_path):
@@ -90,16 +91,16 @@ def test_the_loop_drives_any_task(tmp_path):
     from sit_atconv.config import config_to_dict
     from sit_atconv.train.ema import create_ema
     from sit_atconv.train.loop import LoopSettings, TrainState, training_loop
-    from sit_atconv.train.optim import build_optimizer, warmup_schedule
+    from sit_atconv.train.optim import build_optimizer, lr_schedule
     from sit_atconv.train.trackers import Tracker
 
     cfg = tiny_config(tmp_path, "task", "train.max_steps=6", "log.ckpt_every=6", "log.log_every=3",
-                      "log.sample_every=3")
+                      "log.preview_every=3")
     model = build_model(cfg)
     with torch.no_grad():  # the output layer starts at zero: give the loss something to reduce
         model.final_layer.linear.bias.fill_(0.5)
     optimizer = build_optimizer(model, 1e-2, 0.0)
-    state = TrainState(model, create_ema(model), optimizer, warmup_schedule(optimizer, 0))
+    state = TrainState(model, create_ema(model), optimizer, lr_schedule(optimizer, cfg))
     task, run_dir = ConstantTask(), tmp_path / "task"
     run_dir.mkdir()
     tracker = Tracker(run_dir, [], {})
@@ -107,7 +108,9 @@ def test_the_loop_drives_any_task(tmp_path):
                   tracker, config_to_dict(cfg))
     tracker.close()
     logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert task.seen == 6 and [r["step"] for r in logs] == [3, 6] and state.step == 6
+    assert task.seen == 6 and [r["step"] for r in logs if "loss" in r] == [3, 6] and state.step == 6
+    assert [r["step"] for r in logs if "preview_abs" in r] == [3, 6]  # the task's preview numbers are logged
+    logs = [r for r in logs if "loss" in r]
     assert logs[1]["loss"] < logs[0]["loss"] and logs[1]["abs_mean"] < logs[0]["abs_mean"]
     assert load_checkpoint(run_dir)["step"] == 6 and not (run_dir / "samples").exists()
 

@@ -7,6 +7,9 @@ config asks for and checks it against the model.
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -24,7 +27,7 @@ from .images import ImageFolderDataset, center_crop_arr
 from .latents import LatentDataset
 
 __all__ = ["SD_VAE_ID", "SD_VAE_SCALE", "Autoencoder", "AutoencoderError", "DigitsDataset", "IdentityAutoencoder",
-           "ImageFolderDataset", "LatentDataset", "MirroredByIndex", "Unconditional", "VAEAutoencoder",
+           "ImageFolderDataset", "LatentDataset", "MirroredByIndex", "SeededItems", "Unconditional", "VAEAutoencoder",
            "center_crop_arr", "digits_split", "load_autoencoder", "load_digits_tensors"]
 
 
@@ -66,3 +69,33 @@ class MirroredByIndex(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         n = len(self.dataset)
         return self.dataset.load(index % n, index >= n)
+
+
+class SeededItems(Dataset):
+    """Item (index, seed) is dataset[index] drawn with every RNG (python, numpy, torch) seeded by `seed`.
+
+    For per-item augmentation (timm transforms): the training sampler hands each position its own seed,
+    so augmentations are the same with any number of workers and after a resume. The caller's RNG states
+    are restored afterwards.
+    """
+
+    item_seeds = True
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

@@ -41,10 +41,14 @@ def digits_split(seed: int = 0,
 
 
 class DigitsDataset(Dataset):
-    """(1 x S x S image in [-1, 1], label) for one split of the digits; held in memory."""
+    """(1 x S x S image in [-1, 1], label) for one split of the digits; held in memory; `quantized`: rounded
+    to 8-bit levels, as generated samples are when saved."""
 
-    def __init__(self, split: Literal["train", "held_out", "all"] = "train", image_size: int = 16, seed: int = 0):
+    def __init__(self, split: Literal["train", "held_out", "all"] = "train", image_size: int = 16, seed: int = 0,
+                 quantized: bool = False):
         images, labels = load_digits_tensors(image_size)
+        if quantized:  # exactly what an 8-bit image of the digit decodes to (what classifiers and FID see)
+            images = ((images + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
         if split != "all":
             if split not in ("train", "held_out"):
                 raise ValueError(f"split must be 'train', 'held_out' or 'all', got {split!r}")

@@ -16,23 +16,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..build import build_network
 from ..checkpoint import load_tensors, safetensors_metadata
-from ..data.digits import NUM_CLASSES, DigitsDataset
+from ..config_io import load_config
+from ..data.digits import DigitsDataset
 from ..errors import CheckpointError
-from ..models.attnet import AttNet
 from ..sampling import to_uint8
 
 DIGITS_EXTRACTOR_NAME = "digits-attnet"
 DIGITS_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "digits_attnet.safetensors"
 IMAGE_SIZE = 16  # the digits run's pixel side; other sizes are resized to it
-ARCH = {"depths": (1, 1), "dims": (32, 64), "exp_rates": (4, 4), "glu_norm": False, "layer_scale": False,
-        "num_classes": NUM_CLASSES, "in_chans": 1}
+DIGITS_CONFIG = "attnet_digits"  # the classification config whose EMA weights are the shipped file
 
 
-def build_classifier() -> AttNet:
-    """The (untrained) digits AttNet: 16x16 -> stem /4 -> 4x4x32 -> /2 -> 2x2x64 -> GAP -> LN -> 10."""
-    return AttNet(**ARCH)
+def build_classifier() -> nn.Module:
+    """The (untrained) digits AttNet of `configs/attnet_digits.yaml`: 16x16 -> 4x4x32 -> 2x2x64 -> 10."""
+    return build_network(load_config(DIGITS_CONFIG))
 
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from .classification import ClassificationTask
 from .diffusion import DiffusionTask
 
 
@@ -26,8 +27,9 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """(scalar loss to minimise, extra per-batch scalar metrics to average and log)."""
 
-    def preview(self, model: nn.Module, step: int, run_dir: Path) -> Path | None:
-        """Draw something to look at with the EMA model (main process only); the file written, or None."""
+    def preview(self, model: nn.Module, step: int, run_dir: Path) -> dict[str, float | Path]:
+        """Look at the EMA model (main process only): numbers to log (held-out accuracy) and files written
+        (sample grids), by name; {} for nothing."""
 
 
-__all__ = ["DiffusionTask", "Task"]
+__all__ = ["ClassificationTask", "DiffusionTask", "Task"]

@@ -42,10 +42,11 @@ class DiffusionTask:
         x, y = batch
         return self.transport.training_losses(model, x, {"y": y})["loss"].mean(), {}
 
-    def preview(self, model: nn.Module, step: int, run_dir: Path) -> Path:
+    def preview(self, model: nn.Module, step: int, run_dir: Path) -> dict[str, Path]:
         """A grid of EMA samples, one row per class (up to 16), written to RUN/samples/step_XXXXXXX.png."""
         labels = class_grid_labels(self.num_classes, PREVIEW_PER_CLASS)
         sampler = ImageSampler(model, self.transport, self.decoder, self.latent_shape, self.num_classes)
         images = sampler.images(self.preview_options, labels, range(len(labels)), self.seed, self.device,
                                 batch_size=64, show_progress=False)
-        return save_grid(images, Path(run_dir) / "samples" / f"step_{step:07d}.png", nrow=PREVIEW_PER_CLASS)
+        path = save_grid(images, Path(run_dir) / "samples" / f"step_{step:07d}.png", nrow=PREVIEW_PER_CLASS)
+        return {"samples": path}

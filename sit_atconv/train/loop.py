@@ -1,9 +1,9 @@
 """The training loop: Accelerate, AdamW + schedule, EMA, checkpoints, metrics, previews — for any task.
 
 The loop knows nothing of diffusion: a task (`sit_atconv.tasks.Task`) turns a batch into a loss and may
-draw previews. Resume is "rerun the same command": the data order and every random draw of step s are
-pure functions of (seed, s, rank), so a run continued from a checkpoint is bit-identical to one that
-never stopped (same world size).
+preview the EMA model (sample grids, held-out accuracy). Resume is "rerun the same command": the data
+order and every random draw of step s are pure functions of (seed, s, rank), so a run continued from a
+checkpoint is bit-identical to one that never stopped (same world size).
 """
 
 from __future__ import annotations
@@ -41,16 +41,17 @@ class LoopSettings:
     num_workers: int
     log_every: int
     ckpt_every: int
-    sample_every: int
+    preview_every: int
     keep_last: int
     keep_every: int
+    repeats: int = 1
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> LoopSettings:
         t, lg = cfg.train, cfg.log
         return cls(t.max_steps, t.global_batch_size, t.ema_decay, cfg.optim.grad_clip, t.compile, t.seed,
-                   cfg.data.num_workers, lg.log_every, lg.ckpt_every, lg.sample_every, lg.keep_last,
-                   lg.keep_every or 0)
+                   cfg.data.num_workers, lg.log_every, lg.ckpt_every, lg.preview_every, lg.keep_last,
+                   lg.keep_every or 0, cfg.augment.repeats if t.task == "classification" else 1)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class _Meter:
 
 def _loader(dataset: Dataset, s: LoopSettings, accelerator: Accelerator, start_step: int) -> DataLoader:
     sampler = ResumableBatchSampler(len(dataset), s.global_batch_size, accelerator.process_index,
-                                    accelerator.num_processes, s.seed, start_step)
+                                    accelerator.num_processes, s.seed, start_step,
+                                    item_seeds=getattr(dataset, "item_seeds", False), repeats=s.repeats)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=s.num_workers,
                       pin_memory=accelerator.device.type == "cuda", persistent_workers=s.num_workers > 0)
 
@@ -110,6 +112,16 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(_to_device(b, device) for b in batch)
     return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+def _log_preview(tracker: Tracker, preview: dict[str, float | Path], step: int) -> None:
+    """Numbers go to the metric log, files (sample grids) to the trackers that show images."""
+    numbers = {k: v for k, v in preview.items() if not isinstance(v, Path)}
+    if numbers:
+        tracker.log(numbers, step)
+    for key, value in preview.items():
+        if isinstance(value, Path):
+            tracker.log_image(key, value, step)
 
 
 def training_loop(task, state: TrainState, dataset: Dataset, accelerator: Accelerator, run_dir: Path,
@@ -148,8 +160,8 @@ def training_loop(task, state: TrainState, dataset: Dataset, accelerator: Accele
                 save_checkpoint(run_dir, done, {**state.state_dict(), "config": config_record},
                                 s.keep_last, s.keep_every)
             accelerator.wait_for_everyone()
-        if s.sample_every and (done % s.sample_every == 0 or last):
-            if main and (image := task.preview(state.ema, done, run_dir)) is not None:
-                tracker.log_image("samples", image, done)
+        if s.preview_every and (done % s.preview_every == 0 or last):
+            if main:
+                _log_preview(tracker, task.preview(state.ema, done, run_dir), done)
             accelerator.wait_for_everyone()
     bar.close()

@@ -1,6 +1,10 @@
-"""AdamW with explicit parameter groups: no weight decay on biases, norms, gains and `difference_control`."""
+"""AdamW with explicit parameter groups (no weight decay on biases, norms, gains and `difference_control`)
+and the learning-rate schedule: linear batch scaling, warm-up, constant or cosine."""
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 from torch import nn
@@ -25,7 +29,27 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
                              fused=True if on_cuda else None)
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the base LR over `warmup_steps`, then constant (SiT trains at a constant LR)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+def scaled_lr(cfg) -> float:
+    """`optim.lr`, scaled linearly to the global batch when `optim.lr_reference_batch` is set."""
+    o = cfg.optim
+    return o.lr * cfg.train.global_batch_size / o.lr_reference_batch if o.lr_reference_batch else o.lr
+
+
+def lr_factor(step: int, warmup_steps: int, warmup_start: float, total_steps: int, schedule: str,
+              final: float) -> float:
+    """Multiplier on the base LR after `step` optimizer steps: linear warm-up from `warmup_start` (a fraction
+    of the base LR; 0 gives the first step 1 / warmup_steps), then constant or cosine down to `final`."""
+    if step < warmup_steps:
+        return warmup_start + (1.0 - warmup_start) * (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's schedule (`optim.warmup_*`, `optim.schedule`, `optim.min_lr`) as a resumable LambdaLR."""
+    o, base = cfg.optim, scaled_lr(cfg)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, warmup_steps=o.warmup_steps, warmup_start=o.warmup_lr / base, total_steps=cfg.train.max_steps,
+        schedule=o.schedule, final=o.min_lr / base))

@@ -7,23 +7,28 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..build import build_autoencoder, build_dataset, build_model, build_task, resolve_data, resume_state, run_dir_for
+from ..build import build_training, network_section, resolve_data, resume_state, run_dir_for
 from ..config import RunConfig, config_to_dict
 from ..config_io import save_config
 from ..errors import RunError
 from .ema import create_ema
 from .loop import LoopSettings, TrainState, training_loop
-from .optim import build_optimizer, warmup_schedule
+from .optim import build_optimizer, lr_schedule, scaled_lr
 from .trackers import Tracker
 
 
 def _summary(cfg: RunConfig, n_params: int, accelerator: Accelerator) -> str:
-    m, t, world = cfg.model, cfg.train, accelerator.num_processes
-    a = m.architecture()
-    return (f"{m.name or 'SiT'} (depth {a['depth']}, width {a['hidden_size']}, patch {a['patch_size']}) | mixer "
-            f"{m.mixer} | {n_params / 1e6:.2f}M params | {world} process{'es' if world > 1 else ''} | global batch "
-            f"{t.global_batch_size} ({t.global_batch_size // world} per process) | precision {t.mixed_precision} | "
-            f"device {accelerator.device}")
+    """One start-up line: network, parameters, processes, batch, precision, device."""
+    t, world = cfg.train, accelerator.num_processes
+    if network_section(cfg) == "classifier":
+        net = f"{cfg.classifier.tag()} ({cfg.classifier.num_classes} classes, {cfg.classifier.input_size} px)"
+    else:
+        a = cfg.model.architecture()
+        net = (f"{cfg.model.name or 'SiT'} (depth {a['depth']}, width {a['hidden_size']}, patch {a['patch_size']}) "
+               f"| mixer {cfg.model.mixer}")
+    return (f"{net} | {n_params / 1e6:.2f}M params | {world} process{'es' if world > 1 else ''} | global batch "
+            f"{t.global_batch_size} ({t.global_batch_size // world} per process) | lr {scaled_lr(cfg):.3g} | "
+            f"precision {t.mixed_precision} | device {accelerator.device}")
 
 
 def _enable_tf32(accelerator: Accelerator) -> None:
@@ -45,11 +50,9 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
     resumed = resume_state(cfg, run_dir)
 
     torch.manual_seed(cfg.train.seed)
-    autoencoder = build_autoencoder(cfg, device)
-    dataset = build_dataset(cfg, autoencoder)
-    model = build_model(cfg).to(device)
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps)
-    state = TrainState(model, create_ema(model), optimizer, warmup_schedule(optimizer, o.warmup_steps))
+    model, dataset, task = build_training(cfg, device)
+    optimizer = build_optimizer(model, scaled_lr(cfg), o.weight_decay, o.betas, o.eps)
+    state = TrainState(model, create_ema(model), optimizer, lr_schedule(optimizer, cfg))
     if resumed is not None:
         state.load_state_dict(resumed)
     start_step = state.step
@@ -65,7 +68,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
     tracker = Tracker(run_dir, cfg.log.trackers, record, cfg.log.wandb_project, cfg.log.run_name,
                       enabled=accelerator.is_main_process)
     try:
-        training_loop(build_task(cfg, autoencoder, device), state, dataset, accelerator, run_dir,
+        training_loop(task, state, dataset, accelerator, run_dir,
                       LoopSettings.from_config(cfg), tracker, record)
     finally:
         tracker.close()
@@ -73,6 +76,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
         accelerator.print(f"{run_dir} is already at step {start_step} (max_steps {cfg.train.max_steps}); nothing "
                           "to do. Raise --max-steps to train longer.")
     else:
-        accelerator.print(f"done: step {cfg.train.max_steps}; checkpoints in {run_dir / 'checkpoints'}, "
-                          f"samples in {run_dir / 'samples'}, metrics in {run_dir / 'metrics.jsonl'}")
+        samples = f", samples in {run_dir / 'samples'}" if (run_dir / "samples").is_dir() else ""
+        accelerator.print(f"done: step {cfg.train.max_steps}; checkpoints in {run_dir / 'checkpoints'}{samples}, "
+                          f"metrics in {run_dir / 'metrics.jsonl'}")
     return run_dir

@@ -1,26 +1,16 @@
-"""Config -> objects, and run folder -> checkpoint: the one layer the trainer, sampler and evaluator stand on.
-
-- `build_model`, `build_transport`, `build_autoencoder`, `build_dataset`, `build_task`, `image_sampler`:
-  what a `RunConfig` describes, with shapes and classes checked against each other;
-- run-folder policy: `run_dir_for` (where a run lives), `resume_state` (which checkpoint to continue,
-  refusing anything that would overwrite other work or mix models);
-- `load_run`: a checkpoint file or run folder -> the trained network and everything needed to sample it.
-"""
+"""Config -> the objects of a diffusion run: SiT, transport, autoencoder, dataset, task, image sampler;
+shapes and classes checked against each other."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from .config import RunConfig, config_to_dict
-from .config_io import config_from_dict
-from .data import (
+from ..config import RunConfig
+from ..data import (
     SD_VAE_ID,
     SD_VAE_SCALE,
     Autoencoder,
@@ -31,15 +21,12 @@ from .data import (
     Unconditional,
     load_autoencoder,
 )
-from .data.latents import read_manifest
-from .errors import DataError, RunError
-from .models.sit import SiT
-from .sampling import ImageSampler, SamplingOptions
-from .tasks import DiffusionTask, Task
-from .transport import Transport, create_transport
-
-# ---------------------------------------------------------------------------------------- config -> objects
-
+from ..data.latents import read_manifest
+from ..errors import DataError
+from ..models.sit import SiT
+from ..sampling import ImageSampler, SamplingOptions
+from ..tasks import DiffusionTask
+from ..transport import Transport, create_transport
 
 def resolve_data(cfg: RunConfig) -> RunConfig:
     """Fill `data.autoencoder` / `data.latent_scale` left at none: from a latent store's manifest (what its
@@ -134,77 +121,9 @@ def image_sampler(cfg: RunConfig, model: nn.Module, autoencoder: Autoencoder) ->
     return ImageSampler(model, build_transport(cfg), autoencoder, latent_shape(cfg), cfg.model.num_classes)
 
 
-def build_task(cfg: RunConfig, autoencoder: Autoencoder, device: torch.device | str = "cpu") -> Task:
+def build_diffusion_task(cfg: RunConfig, autoencoder: Autoencoder, device: torch.device | str = "cpu") -> DiffusionTask:
     """The training task: diffusion on the configured data (VAE-encoding image batches on the fly)."""
     encode = cfg.data.source == "images" and resolve_data(cfg).data.autoencoder != "identity"
     return DiffusionTask(build_transport(cfg), autoencoder, latent_shape(cfg), cfg.model.num_classes,
                          SamplingOptions().resolved(cfg.transport), cfg.train.seed,
                          encoder=autoencoder if encode else None, device=device)
-
-
-# ------------------------------------------------------------------------------------ run-folder policy
-
-def run_dir_for(cfg: RunConfig) -> Path:
-    """RESULTS/<log.run_name>, or RESULTS/<model>-<mixer>-<data source> when no name is given."""
-    name = cfg.log.run_name or f"{cfg.model.tag()}-{cfg.model.mixer}-{cfg.data.source}"
-    return Path(cfg.log.results_dir) / name
-
-
-def resume_state(cfg: RunConfig, run_dir: Path) -> dict | None:
-    """The checkpoint to continue (`train.resume`), loaded and checked; None for a new run.
-
-    Refuses what would overwrite work or mix runs: `none` on a folder with checkpoints, or a checkpoint
-    of a different model.
-    """
-    resume = cfg.train.resume
-    if resume == "none":
-        if list_checkpoints(run_dir):
-            raise RunError(f"{run_dir} already holds checkpoints; continue it with --resume auto, "
-                           "or start a new run with --run-name NEW_NAME")
-        return None
-    if resume == "auto":
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            return None
-    else:
-        path = Path(resume)
-        if not path.is_file():
-            raise RunError(f"--resume {resume}: no such checkpoint file; pass a .pt from a run's checkpoints/ folder")
-    state = load_checkpoint(path)
-    saved = config_from_dict(state["config"]).model
-    if saved != cfg.model:
-        ours, theirs = config_to_dict(cfg)["model"], dataclasses.asdict(saved)
-        diff = sorted(k for k in ours if theirs.get(k) != ours[k])
-        raise RunError(f"{path} was trained with a different model ({', '.join('model.' + k for k in diff)}); "
-                       "use --run-name NEW_NAME for a new run or restore those settings")
-    return state
-
-
-# -------------------------------------------------------------------------------------- trained runs
-
-@dataclass
-class LoadedRun:
-    """A trained network with what sampling it needs: its config, step, file and autoencoder."""
-
-    model: nn.Module
-    cfg: RunConfig
-    step: int
-    path: Path
-    autoencoder: Autoencoder
-
-    @property
-    def run_dir(self) -> Path:
-        return self.path.parent.parent
-
-    def sampler(self) -> ImageSampler:
-        return image_sampler(self.cfg, self.model, self.autoencoder)
-
-
-def load_run(ckpt: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> LoadedRun:
-    """A checkpoint file or run folder (its latest) -> the network in eval mode (EMA weights by default)."""
-    state = load_checkpoint(ckpt)
-    cfg = config_from_dict(state["config"])
-    model = build_model(cfg)
-    model.load_state_dict(state["ema" if use_ema else "model"])
-    model = model.to(device).eval().requires_grad_(False)
-    return LoadedRun(model, cfg, int(state["step"]), Path(state["path"]), build_autoencoder(cfg, device))
