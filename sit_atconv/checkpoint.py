@@ -61,7 +61,11 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: unreadable .safetensors file ({err}).") from None
-    obj = torch_load_safe(path)
+    return tensors_from(torch_load_safe(path), path)
+
+
+def tensors_from(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The flat tensor dict inside a loaded pickle (unwrapping 'ema'/'model'/'state_dict'); `path` names it."""
     for key in _WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

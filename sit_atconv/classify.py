@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .build import eval_transform, load_run
 from .build.classification import image_folder
-from .checkpoint import load_tensors, torch_load_safe
+from .checkpoint import load_tensors, tensors_from, torch_load_safe
 from .cli import CLIParser, positive_int, run_cli
 from .config import ATTNET_NAMES
 from .convert import from_reference
@@ -47,13 +47,13 @@ def fitting_variant(state: dict[str, torch.Tensor], num_classes: int) -> str | N
     return None
 
 
-def _published(model_name: str | None, path: Path) -> tuple[nn.Module, str]:
-    """A zoo AttNet with reference-format weights from `path`; refuses weights of another variant."""
+def _published(model_name: str | None, weights: dict[str, torch.Tensor], path: Path) -> tuple[nn.Module, str]:
+    """A zoo AttNet with reference-format `weights` (read from `path`); refuses weights of another variant."""
     if model_name is None:
         raise ConfigError(f"{path} holds plain weights: name the variant with --model ({', '.join(ATTNET_NAMES)})")
     if model_name not in ATTNET_NAMES:
         raise ConfigError(f"--model {model_name!r}: not an AttNet variant ({', '.join(ATTNET_NAMES)})")
-    state = from_reference(load_tensors(path))
+    state = from_reference(weights)
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
     model = timm.create_model(model_name, num_classes=num_classes)
     if {k: v.shape for k, v in model.state_dict().items()} != {k: v.shape for k, v in state.items()}:
@@ -68,11 +68,11 @@ def load_classifier(checkpoint: str | Path, model_name: str | None,
                     device: torch.device | str) -> tuple[nn.Module, str]:
     """(model in eval mode with EMA weights for runs, its name) from a classification run or published weights."""
     path = Path(checkpoint)
-    is_run = path.is_dir() or (path.suffix in (".pt", ".pth") and isinstance(state := torch_load_safe(path), dict)
-                               and "config" in state)
-    if not is_run:
-        model, name = _published(model_name, path)
-        return model.to(device).eval(), name
+    if not path.is_dir():
+        loaded = load_tensors(path) if path.suffix == ".safetensors" else torch_load_safe(path)
+        if not (isinstance(loaded, dict) and "config" in loaded):  # not one of our training checkpoints
+            model, name = _published(model_name, tensors_from(loaded, path), path)
+            return model.to(device).eval(), name
     run = load_run(path, device)
     if run.cfg.train.task != "classification":
         raise ConfigError(f"{run.path} is a {run.cfg.train.task} run, not a classifier")

@@ -244,7 +244,18 @@ def add_config_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+UNUSED_BY = {"classification": ("model.", "transport."), "diffusion": ("classifier.", "augment.")}
+
+
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
-    """RunConfig from a namespace parsed with `add_config_options` (config file, then given options)."""
-    given = [f"{k}={v}" for k, v in vars(ns).items() if "." in k]
-    return load_config(ns.config, given)
+    """RunConfig from a namespace parsed with `add_config_options` (config file, then given options).
+
+    An option of a section the run's task does not use (`--mixer` on a classification run) is refused.
+    """
+    given = {k: v for k, v in vars(ns).items() if "." in k}
+    cfg = load_config(ns.config, [f"{k}={v}" for k, v in given.items()])
+    unused = [k for k in given if k.startswith(UNUSED_BY[cfg.train.task])]
+    if unused:
+        raise ConfigError(f"--{unused[0]} has no effect on a {cfg.train.task} run (train.task={cfg.train.task}); "
+                          "drop it or pick a config of the other task")
+    return cfg

@@ -147,3 +147,13 @@ def test_digits_default_reaches_98_percent(tmp_path, capsys):
     assert classify.main(["--checkpoint", str(run), "--data", "digits", "--out-dir", str(tmp_path / "eval")]) == 0
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert result["num_images"] == 359 and result["top1"] >= 0.98
+
+
+def test_options_of_the_other_task_are_refused(capsys):
+    import train as train_cli
+
+    assert exit_code(train_cli.main, ["--config", "attnet_digits", "--mixer", "attn", "--dry-run"]) == 2
+    assert "--model.mixer has no effect on a classification run" in capsys.readouterr().err
+    assert exit_code(train_cli.main, ["--augment.mixup", "0.8", "--dry-run"]) == 2
+    assert "--augment.mixup has no effect on a diffusion run" in capsys.readouterr().err
+    assert exit_code(train_cli.main, ["--config", "attnet_digits", "--augment.mixup", "0.8", "--dry-run"]) == 0

@@ -28,6 +28,7 @@ from ..sampling import ImageSampler, SamplingOptions
 from ..tasks import DiffusionTask
 from ..transport import Transport, create_transport
 
+
 def resolve_data(cfg: RunConfig) -> RunConfig:
     """Fill `data.autoencoder` / `data.latent_scale` left at none: from a latent store's manifest (what its
     latents were encoded with), identity for digits, else SD-VAE. Given values are kept (and checked
