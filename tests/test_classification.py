@@ -157,3 +157,26 @@ def test_options_of_the_other_task_are_refused(capsys):
     assert exit_code(train_cli.main, ["--augment.mixup", "0.8", "--dry-run"]) == 2
     assert "--augment.mixup has no effect on a diffusion run" in capsys.readouterr().err
     assert exit_code(train_cli.main, ["--config", "attnet_digits", "--augment.mixup", "0.8", "--dry-run"]) == 0
+
+
+def _two_rank_classify(run, out):
+    import torch.distributed as dist
+
+    from sit_atconv import classify as cli
+
+    assert dist.get_world_size() == 2
+    assert cli.main(["--checkpoint", run, "--data", "digits", "--out-dir", out, "--num-workers", "0"]) == 0
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_image_once(tmp_path):
+    from accelerate import debug_launcher
+
+    run = train(load_config("attnet_digits", [f"log.results_dir={tmp_path}", "train.max_steps=20",
+                                              "log.preview_every=0"]))
+    reset_accelerate()
+    assert classify.main(["--checkpoint", str(run), "--data", "digits", "--out-dir", str(tmp_path / "one")]) == 0
+    reset_accelerate()
+    debug_launcher(_two_rank_classify, args=(str(run), str(tmp_path / "two")), num_processes=2)
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one["num_images"] == two["num_images"] == 359 and one["top1"] == two["top1"]

@@ -34,6 +34,8 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
     latents were encoded with), identity for digits, else SD-VAE. Given values are kept (and checked
     against the store by `build_dataset`)."""
     d = cfg.data
+    if cfg.train.task != "diffusion":  # classifiers read pixels
+        return cfg
     store = None
     if (d.autoencoder is None or d.latent_scale is None) and d.source == "latents" and d.data_path:
         store = read_manifest(d.data_path)
