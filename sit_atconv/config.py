@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -176,6 +177,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     seed: int = _f(0, "global seed")
     resume: str = _f("auto", "'auto' (latest checkpoint in the run folder), 'none', or a checkpoint path")
+    stop_signal: str | None = _f("SIGUSR1", "a pre-warning signal that, like SIGTERM and SIGINT, makes the run "
+                                 "finish its step, checkpoint and exit 0 (SLURM: --signal=USR1@90); none = only those")
 
 
 @dataclass
@@ -314,6 +317,8 @@ def validate(cfg: RunConfig) -> RunConfig:
            "data.autoencoder: empty; use identity, a hub id, a folder, or none")
     _check(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas: each must be in [0, 1), got {o.betas}")
     _check(len(set(lg.trackers)) == len(lg.trackers), f"log.trackers: repeated entries in {lg.trackers}")
+    _check(cfg.train.stop_signal is None or isinstance(getattr(signal, cfg.train.stop_signal, None), signal.Signals),
+           f"train.stop_signal: {cfg.train.stop_signal!r} is not a signal name such as SIGUSR1")
     _check(bool(cfg.train.resume.strip()), "train.resume: empty; use 'auto', 'none' or a checkpoint path")
     _check(lg.run_name is None or ("/" not in lg.run_name and lg.run_name not in ("", ".", "..")),
            f"log.run_name: {lg.run_name!r} must be a plain folder name")

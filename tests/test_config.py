@@ -59,7 +59,10 @@ def test_shipped_configs_exist():
             "imagenet512_sit_xl2", "ffhq256"} <= set(SHIPPED)
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+DIFFUSION = [n for n in SHIPPED if load_config(n).train.task == "diffusion"]
+
+
+@pytest.mark.parametrize("name", DIFFUSION)
 @pytest.mark.parametrize("mixer", ["attn", "atconv", "hybrid"])
 def test_every_shipped_config_loads_and_mixer_switches(name, mixer):
     cfg = load_config(name, [f"model.mixer={mixer}"])
@@ -67,6 +70,14 @@ def test_every_shipped_config_loads_and_mixer_switches(name, mixer):
     assert load_config(name).model.mixer == "atconv"
     cli, _ = parse_args(["--config", name, "--mixer", mixer])
     assert cli == cfg
+
+
+@pytest.mark.parametrize("name", sorted(set(SHIPPED) - set(DIFFUSION)))
+def test_classification_configs_load_and_refuse_sit_options(name):
+    cfg = load_config(name)
+    assert cfg.train.task == "classification" and parse_args(["--config", name])[0] == cfg
+    with pytest.raises(ConfigError, match="has no effect on a classification run"):
+        parse_args(["--config", name, "--mixer", "attn"])
 
 
 def test_shipped_values():

@@ -4,17 +4,18 @@ would overwrite other work or mix networks), and checkpoint -> the trained netwo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from ..checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
 from ..config import RunConfig
 from ..config_io import config_from_dict
 from ..data import Autoencoder
-from ..errors import RunError
+from ..errors import CheckpointError, RunError
 from ..sampling import ImageSampler
 from .classification import build_classifier
 from .diffusion import build_autoencoder, build_model, image_sampler
@@ -38,11 +39,25 @@ def run_dir_for(cfg: RunConfig) -> Path:
     return Path(cfg.log.results_dir) / f"{cfg.model.tag()}-{cfg.model.mixer}-{cfg.data.source}"
 
 
-def resume_state(cfg: RunConfig, run_dir: Path) -> dict | None:
+def _newest_loadable(run_dir: Path, log: Callable[[str], None]) -> dict | None:
+    """The newest checkpoint of `run_dir` that loads, saying which ones were skipped; stray temp files of
+    interrupted writes are removed."""
+    for stray in checkpoint_dir(run_dir).glob(".step_*.tmp"):
+        stray.unlink(missing_ok=True)
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as err:
+            log(f"skipping {path.name}: {err}")
+    return None
+
+
+def resume_state(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print) -> dict | None:
     """The checkpoint to continue (`train.resume`), loaded and checked; None for a new run.
 
-    Refuses what would overwrite work or mix runs: `none` on a folder with checkpoints, or a checkpoint
-    of a different network.
+    `auto` takes the newest checkpoint that loads (a truncated or corrupt newer one is skipped, and
+    said so). Refuses what would overwrite work or mix runs: `none` on a folder with checkpoints, or a
+    checkpoint of a different network.
     """
     resume = cfg.train.resume
     if resume == "none":
@@ -51,15 +66,21 @@ def resume_state(cfg: RunConfig, run_dir: Path) -> dict | None:
                            "or start a new run with --run-name NEW_NAME")
         return None
     if resume == "auto":
-        path = latest_checkpoint(run_dir)
-        if path is None:
+        state = _newest_loadable(run_dir, log)
+        if state is None:
+            if list_checkpoints(run_dir):
+                raise RunError(f"{run_dir}: no checkpoint loads (see above); move them away to start anew")
             return None
+    elif not Path(resume).is_file():
+        raise RunError(f"--resume {resume}: no such checkpoint file; pass a .pt from a run's checkpoints/ folder")
     else:
-        path = Path(resume)
-        if not path.is_file():
-            raise RunError(f"--resume {resume}: no such checkpoint file; pass a .pt from a run's checkpoints/ folder")
-    state = load_checkpoint(path)
-    saved, section = config_from_dict(state["config"]), network_section(cfg)
+        state = load_checkpoint(resume)
+    _check_same_network(cfg, state)
+    return state
+
+
+def _check_same_network(cfg: RunConfig, state: dict) -> None:
+    path, saved, section = state["path"], config_from_dict(state["config"]), network_section(cfg)
     if saved.train.task != cfg.train.task:
         raise RunError(f"{path} is a {saved.train.task} run, not {cfg.train.task}; use --run-name NEW_NAME")
     ours, theirs = dataclasses.asdict(getattr(cfg, section)), dataclasses.asdict(getattr(saved, section))
@@ -67,7 +88,6 @@ def resume_state(cfg: RunConfig, run_dir: Path) -> dict | None:
         diff = sorted(k for k in ours if theirs.get(k) != ours[k])
         raise RunError(f"{path} was trained with a different {section} ({', '.join(f'{section}.' + k for k in diff)}); "
                        "use --run-name NEW_NAME for a new run or restore those settings")
-    return state
 
 
 @dataclass

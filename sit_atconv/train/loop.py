@@ -22,9 +22,11 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import save_checkpoint
 from ..config import RunConfig
+from ..errors import RunError
 from ..seeding import TRAIN_STEP, derive_seed
 from .data_order import ResumableBatchSampler
 from .ema import update_ema
+from .guards import StopSignals, finite_weights
 from .trackers import Tracker
 
 
@@ -45,13 +47,14 @@ class LoopSettings:
     keep_last: int
     keep_every: int
     repeats: int = 1
+    stop_signal: str | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> LoopSettings:
         t, lg = cfg.train, cfg.log
         return cls(t.max_steps, t.global_batch_size, t.ema_decay, cfg.optim.grad_clip, t.compile, t.seed,
                    cfg.data.num_workers, lg.log_every, lg.ckpt_every, lg.preview_every, lg.keep_last,
-                   lg.keep_every or 0, cfg.augment.repeats if t.task == "classification" else 1)
+                   lg.keep_every or 0, cfg.augment.repeats if t.task == "classification" else 1, t.stop_signal)
 
 
 @dataclass
@@ -124,44 +127,59 @@ def _log_preview(tracker: Tracker, preview: dict[str, float | Path], step: int) 
             tracker.log_image(key, value, step)
 
 
+def _checkpoint(state: TrainState, run_dir: Path, s: LoopSettings, record: dict, accelerator: Accelerator) -> None:
+    """Save the state at `state.step` (main process), never with non-finite weights (checked everywhere)."""
+    if not (finite_weights(state.model) and finite_weights(state.ema)):
+        raise RunError(f"weights became non-finite by step {state.step}; no checkpoint written, the earlier ones "
+                       "are kept; lower --optim.lr or set --optim.grad_clip, then rerun to continue from them")
+    if accelerator.is_main_process:
+        save_checkpoint(run_dir, state.step, {**state.state_dict(), "config": record}, s.keep_last, s.keep_every)
+    accelerator.wait_for_everyone()
+
+
 def training_loop(task, state: TrainState, dataset: Dataset, accelerator: Accelerator, run_dir: Path,
-                  settings: LoopSettings, tracker: Tracker, config_record: dict) -> None:
-    """Train `state` from `state.step` to `settings.max_steps` on `task`, logging and checkpointing."""
+                  settings: LoopSettings, tracker: Tracker, config_record: dict) -> str | None:
+    """Train `state` from `state.step` to `settings.max_steps` on `task`, logging and checkpointing.
+
+    Returns the name of the signal that stopped it early (after a checkpoint of the last step), or None.
+    """
     s, device, main = settings, accelerator.device, accelerator.is_main_process
     step_model = torch.compile(state.model) if s.compile else state.model
     step_model, state.optimizer = accelerator.prepare(step_model, state.optimizer)
     batches, meter = iter(_loader(dataset, s, accelerator, state.step)), _Meter(device)
     bar = tqdm(range(state.step, s.max_steps), initial=state.step, total=s.max_steps, desc="train",
                unit="step", disable=not main, dynamic_ncols=True)
-    for step in bar:
-        torch.manual_seed(derive_seed(TRAIN_STEP, s.seed, step, accelerator.process_index))  # this step's draws
-        batch = task.prepare(_to_device(next(batches), device))
-        with accelerator.autocast():
-            loss, extra = task.loss(step_model, batch)
-        accelerator.backward(loss)
-        if s.grad_clip:
-            accelerator.clip_grad_norm_(state.model.parameters(), s.grad_clip)
-        state.optimizer.step()
-        state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        update_ema(state.ema, state.model, s.ema_decay)
-        meter.add(loss, extra)
-        state.step = done = step + 1
-        last = done == s.max_steps
-        if done % s.log_every == 0 or last:
-            metrics = {**meter.flush(accelerator, s.global_batch_size), "lr": state.scheduler.get_last_lr()[0]}
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss became {metrics['loss']} at step {done}; lower --optim.lr or "
-                                         "enable --optim.grad_clip")
-            tracker.log(metrics, done)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
-        if done % s.ckpt_every == 0 or last:
-            if main:
-                save_checkpoint(run_dir, done, {**state.state_dict(), "config": config_record},
-                                s.keep_last, s.keep_every)
-            accelerator.wait_for_everyone()
-        if s.preview_every and (done % s.preview_every == 0 or last):
-            if main:
-                _log_preview(tracker, task.preview(state.ema, done, run_dir), done)
-            accelerator.wait_for_everyone()
+    with StopSignals(s.stop_signal) as stop:
+        for step in bar:
+            torch.manual_seed(derive_seed(TRAIN_STEP, s.seed, step, accelerator.process_index))  # this step's draws
+            batch = task.prepare(_to_device(next(batches), device))
+            with accelerator.autocast():
+                loss, extra = task.loss(step_model, batch)
+            accelerator.backward(loss)
+            if s.grad_clip:
+                accelerator.clip_grad_norm_(state.model.parameters(), s.grad_clip)
+            state.optimizer.step()
+            state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            update_ema(state.ema, state.model, s.ema_decay)
+            meter.add(loss, extra)
+            state.step = done = step + 1
+            last, stopping = done == s.max_steps, stop.requested(accelerator)
+            if done % s.log_every == 0 or last or stopping:
+                metrics = {**meter.flush(accelerator, s.global_batch_size), "lr": state.scheduler.get_last_lr()[0]}
+                if not math.isfinite(metrics["loss"]):
+                    raise RunError(f"loss became {metrics['loss']} by step {done}; lower --optim.lr or set "
+                                   "--optim.grad_clip, then rerun to continue from the last checkpoint")
+                tracker.log(metrics, done)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
+            if done % s.ckpt_every == 0 or last or stopping:
+                _checkpoint(state, run_dir, s, config_record, accelerator)
+            if stopping:
+                bar.close()
+                return stop.received or "a signal on another process"
+            if s.preview_every and (done % s.preview_every == 0 or last):
+                if main:
+                    _log_preview(tracker, task.preview(state.ema, done, run_dir), done)
+                accelerator.wait_for_everyone()
     bar.close()
+    return None

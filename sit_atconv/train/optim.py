@@ -53,3 +53,16 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_schedul
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         lr_factor, warmup_steps=o.warmup_steps, warmup_start=o.warmup_lr / base, total_steps=cfg.train.max_steps,
         schedule=o.schedule, final=o.min_lr / base))
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg) -> None:
+    """Make a resumed optimizer and schedule follow `cfg` (a restored optimizer state carries the old lr,
+    betas, eps and weight decay): the base LR, the hyper-parameters and the current LR are set anew."""
+    o, base = cfg.optim, scaled_lr(cfg)
+    for group, decays in zip(optimizer.param_groups, (True, False)):
+        group.update(initial_lr=base, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay if decays else 0.0)
+    scheduler.base_lrs = [base] * len(optimizer.param_groups)
+    factor = scheduler.lr_lambdas[0](max(scheduler.last_epoch, 0))
+    for group in optimizer.param_groups:
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

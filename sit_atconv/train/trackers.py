@@ -11,6 +11,8 @@ import os
 import socket
 from pathlib import Path
 
+from ..io import write_text_atomic
+
 TRACKERS = ("wandb", "tensorboard")
 
 
@@ -38,17 +40,30 @@ def wandb_mode() -> str:
     return "offline"
 
 
+def drop_lines_after(path: Path, step: int) -> None:
+    """Remove JSONL records of steps past `step` (logged after the checkpoint a resumed run continues from),
+    so the log has no duplicate steps."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+
+
 class Tracker:
     """Fan-out logger: `log(metrics, step)` writes JSONL and forwards to the enabled backends."""
 
     def __init__(self, run_dir: str | Path, trackers: list[str], config: dict, project: str = "sit_atconv",
-                 run_name: str | None = None, enabled: bool = True):
+                 run_name: str | None = None, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._tb = self._wandb = None
         self._file = None
         if not enabled:
             return
+        if resume_step is not None:
+            drop_lines_after(self.run_dir / "metrics.jsonl", resume_step)
         self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if "tensorboard" in trackers:
             from torch.utils.tensorboard import SummaryWriter

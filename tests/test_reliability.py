@@ -1,0 +1,121 @@
+"""Faults: a real SIGTERM mid-run then an identical continuation, non-finite weights never checkpointed,
+one trainer per run folder, a corrupt newest checkpoint skipped on resume, no duplicate metric steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import reset_accelerate, tiny_config
+
+from sit_atconv.build import build_model
+from sit_atconv.checkpoint import list_checkpoints, load_checkpoint
+from sit_atconv.errors import RunError
+from sit_atconv.train import train
+from sit_atconv.train.ema import create_ema
+from sit_atconv.train.guards import RunLock
+from sit_atconv.train.loop import LoopSettings, TrainState, _checkpoint
+from sit_atconv.train.optim import build_optimizer, lr_schedule
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_the_rerun_continues_exactly(tmp_path):
+    argv = [sys.executable, str(ROOT / "train.py"), "--config", "tiny", "--results-dir", str(tmp_path),
+            "--max-steps", "300", "--ckpt-every", "1000", "--log.log_every", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv + ["--run-name", "stopped"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = tmp_path / "stopped" / "metrics.jsonl", time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = list_checkpoints(tmp_path / "stopped")
+    assert len(saved) == 1 and 0 < saved[0][0] < 300, out
+    assert f"stopped by SIGTERM at step {saved[0][0]}: checkpoint written; rerun the same command" in out
+    for name in ("stopped", "straight"):  # the same command again; and an uninterrupted run
+        done = subprocess.run(argv + ["--run-name", name], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    a, b = load_checkpoint(tmp_path / "stopped"), load_checkpoint(tmp_path / "straight")
+    assert a["step"] == b["step"] == 300 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    steps = _steps(tmp_path / "stopped")
+    assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    cfg = tiny_config(tmp_path, "nan")
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, 1e-3, 0.0)
+    state = TrainState(model, create_ema(model), optimizer, lr_schedule(optimizer, cfg), step=7)
+    with torch.no_grad():
+        model.final_layer.linear.weight[0, 0] = float("nan")
+    from accelerate import Accelerator
+
+    with pytest.raises(RunError, match="non-finite by step 7; no checkpoint written"):
+        _checkpoint(state, tmp_path / "nan", LoopSettings.from_config(cfg), {}, Accelerator(cpu=True))
+    assert not list_checkpoints(tmp_path / "nan")
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_finite_checkpoints(tmp_path):
+    train(tiny_config(tmp_path, "boom", "train.max_steps=10", "log.ckpt_every=5"))
+    reset_accelerate()
+    with pytest.raises(RunError, match=r"(loss became nan|non-finite) by step"):
+        train(tiny_config(tmp_path, "boom", "train.max_steps=40", "log.ckpt_every=5", "optim.lr=1e30"))
+    kept = list_checkpoints(tmp_path / "boom")
+    assert kept and all(torch.isfinite(v).all() for s, p in kept for v in load_checkpoint(p)["ema"].values())
+
+
+def test_one_trainer_per_run_folder(tmp_path):
+    run = tmp_path / "locked"
+    with RunLock(run):
+        with pytest.raises(RunError, match=r"is being trained by .* pid \d+"):
+            train(tiny_config(tmp_path, "locked", "train.max_steps=2"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(f"{os.uname().nodename} {dead.pid}\n")  # left by a process that is gone
+    reset_accelerate()
+    assert train(tiny_config(tmp_path, "locked", "train.max_steps=2", "log.ckpt_every=2")) == run
+    assert not (run / ".lock").exists() and list_checkpoints(run)
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_and_the_log_has_no_duplicates(tmp_path, capsys):
+    straight = train(tiny_config(tmp_path, "straight", "train.max_steps=20"))
+    reset_accelerate()
+    run = train(tiny_config(tmp_path, "hurt", "train.max_steps=20"))
+    newest = list_checkpoints(run)[-1][1]
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated mid-write by a crash
+    (newest.parent / f".{newest.name}.x.tmp").write_bytes(b"half")
+    reset_accelerate()
+    capsys.readouterr()
+    train(tiny_config(tmp_path, "hurt", "train.max_steps=20"))
+    out = capsys.readouterr().out
+    assert f"skipping {newest.name}" in out and "resuming from step_0000010.pt (step 10)" in out
+    a, b = load_checkpoint(run), load_checkpoint(straight)
+    assert a["step"] == 20 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not list(newest.parent.glob(".*.tmp"))
+    assert _steps(run) == _steps(straight) == [5, 10, 15, 20]
+
+
+def test_a_changed_optimizer_setting_is_applied_and_said_on_resume(tmp_path, capsys):
+    train(tiny_config(tmp_path, "lr", "train.max_steps=10"))
+    reset_accelerate()
+    capsys.readouterr()
+    run = train(tiny_config(tmp_path, "lr", "train.max_steps=20", "optim.lr=5e-4", "optim.weight_decay=0.1"))
+    out = capsys.readouterr().out
+    assert "changed settings, applied from here on: optim.lr 0.002 -> 0.0005; optim.weight_decay 0.0 -> 0.1" in out
+    groups = load_checkpoint(run)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [5e-4, 5e-4] and [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [
+        0.002, 0.002, 5e-4, 5e-4]
