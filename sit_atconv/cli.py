@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import sys
 import typing
@@ -53,6 +54,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (inf and nan are refused, never passed on)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
             argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run `body(args)`; a UserError is printed as one line and gives exit status 2."""
@@ -62,5 +74,14 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
     except UserError as err:
         if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def one_line(err: Exception) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (whose message carries the worker's
+    traceback), the original message line only."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and "worker process" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(err)

@@ -76,23 +76,23 @@ class SamplingOptions:
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """The sampler/CFG flags shared by sample.py and eval_fid.py."""
-    from .cli import positive_int
+    from .cli import finite_float, positive_int
 
     g = parser.add_argument_group("sampler (defaults: the run's transport config)")
     g.add_argument("--mode", choices=["ode", "sde"], help="probability-flow ODE or SDE sampler")
     g.add_argument("--sampling-method", help="ode: dopri5, euler, heun2, rk4, ... (torchdiffeq); sde: Euler, Heun")
     g.add_argument("--num-steps", type=positive_int, help="grid points (fixed-step ODE and SDE solvers)")
-    g.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance (adaptive methods)")
-    g.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance (adaptive methods)")
+    g.add_argument("--atol", type=finite_float, default=1e-6, help="ODE absolute tolerance (adaptive methods)")
+    g.add_argument("--rtol", type=finite_float, default=1e-3, help="ODE relative tolerance (adaptive methods)")
     g.add_argument("--diffusion-form", default="SBDM", choices=DIFFUSION_FORMS, help="SDE diffusion coefficient w(t)")
-    g.add_argument("--diffusion-norm", type=float, default=1.0, help="SDE diffusion scale")
+    g.add_argument("--diffusion-norm", type=finite_float, default=1.0, help="SDE diffusion scale")
     g.add_argument("--last-step", default="Mean", choices=["none" if s is None else s for s in LAST_STEPS],
                    help="SDE final denoising step")
-    g.add_argument("--last-step-size", type=float, default=0.04, help="SDE last step size")
-    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--last-step-size", type=finite_float, default=0.04, help="SDE last step size")
+    g.add_argument("--cfg-scale", type=finite_float, help="classifier-free guidance scale (1 = off)")
     g.add_argument("--guided-channels", type=positive_int,
                    help="guide only the first K channels (3 = the reference DiT/SiT quirk); default all")
-    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+    g.add_argument("--guidance-interval", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
                    help="apply CFG only for t in [LOW, HIGH] (t=0 noise, t=1 data)")
 
 
@@ -153,6 +153,9 @@ class ImageSampler:
     def images(self, opts: SamplingOptions, labels: Tensor, indices: Sequence[int], seed: int,
                device: torch.device | str = "cpu", batch_size: int = 64, show_progress: bool = True) -> Tensor:
         """uint8 (N, H, W, 3) images for `labels` (N,) with resolved `opts`; image k seeded by (seed, indices[k])."""
+        if opts.cfg_scale != 1 and self.num_classes == 1:
+            raise ConfigError(f"--cfg-scale {opts.cfg_scale:g}: this model is unconditional (1 class), so there is "
+                              "nothing to guide; use --cfg-scale 1")
         channels = self.latent_shape[0]
         if opts.guided_channels is not None and not 0 < opts.guided_channels <= channels:
             raise ConfigError(f"--guided-channels {opts.guided_channels}: this model has {channels} channels")

@@ -352,3 +352,27 @@ def test_extract_two_real_ranks(image_folder, tiny_vae_dir, tmp_path):
     ae = VAEAutoencoder(tiny_vae_dir)
     files = ImageFolderDataset(image_folder, 16).files
     assert torch.allclose(ds[4][0], ae.encode(load_image(files[4], 16)[None])[0], atol=1e-5)
+
+
+def test_a_signal_stops_extraction_after_a_shard(image_folder, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from sit_atconv.data import extract_latents as module
+
+    real_save = module._save_npy
+
+    def signalled(array, path):
+        real_save(array, path)
+        if path.name.startswith("latents_"):  # after the first shard (labels.npy is written before)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(module, "_save_npy", signalled)
+    store, kwargs = tmp_path / "store", dict(image_size=16, batch_size=2, shard_size=2, num_workers=0,
+                                             dtype="float32", state=fake_state())
+    with pytest.raises(DataError, match="stopped by SIGTERM: every finished shard"):
+        extract_latents(image_folder, store, IdentityAutoencoder(3), **kwargs)
+    assert [shard_path(store, s).is_file() for s in range(3)] == [True, False, False]
+    monkeypatch.setattr(module, "_save_npy", real_save)
+    extract_latents(image_folder, store, IdentityAutoencoder(3), **kwargs)
+    assert len(LatentDataset(store)) == 5

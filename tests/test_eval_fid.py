@@ -240,3 +240,26 @@ def test_trained_digits_fid_is_far_below_untrained(run_dir, tmp_path):
         fid[name] = result["fid"]
     # measured: trained 19.8, untrained 51.2, floor 0.095 (200 samples, 16 Euler steps)
     assert result["fid_floor"] < 1 < fid["trained"] < 0.5 * fid["untrained"], fid
+
+
+def test_a_signal_stops_generation_after_a_shard_and_the_rerun_completes(run_dir, reference_set, tmp_path,
+                                                                          monkeypatch):
+    import os
+    import signal
+
+    run = load_run(run_dir)
+    out, real_write = tmp_path / "gen", gen_module._write_shard
+    kwargs = dict(num_samples=N, seed=5, checkpoint=run.path, step=run.step, shard_size=SHARD, show_progress=False,
+                  batch_size=3)
+
+    def signalled(path_, *args):
+        real_write(path_, *args)
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; handled: the shard in hand is finished
+
+    monkeypatch.setattr(gen_module, "_write_shard", signalled)
+    with pytest.raises(GenerationError, match="stopped by SIGTERM: 1 of this process's 4 shards"):
+        generate_samples(run.sampler(), OPTS, out, **kwargs)
+    assert [p.name for p in (out / "shards").glob("shard_*.npz")] == ["shard_00000.npz"]
+    monkeypatch.setattr(gen_module, "_write_shard", real_write)
+    with np.load(generate_samples(run.sampler(), OPTS, out, **kwargs)) as data:
+        assert _same(data, reference_set)

@@ -119,3 +119,69 @@ def test_a_changed_optimizer_setting_is_applied_and_said_on_resume(tmp_path, cap
     assert [g["lr"] for g in groups] == [5e-4, 5e-4] and [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [
         0.002, 0.002, 5e-4, 5e-4]
+
+
+@pytest.fixture(scope="module")
+def broken_inputs(tmp_path_factory):
+    """A zero-byte checkpoint, an .npz that is no reference, an image folder with a corrupt file, and a tiny
+    unconditional run."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "zero.pt").write_bytes(b"")
+    np_mod = pytest.importorskip("numpy")
+    np_mod.savez(root / "notref.npz", something=np_mod.zeros(3))
+    from PIL import Image
+
+    (root / "images" / "a").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(root / "images" / "a" / "ok.png")
+    (root / "images" / "a" / "broken.png").write_bytes(b"not a png")
+    reset_accelerate()
+    train(tiny_config(root, "uncond", "model.num_classes=1", "train.max_steps=2", "log.ckpt_every=2"))
+    reset_accelerate()
+    return root
+
+
+@pytest.mark.parametrize("cli,argv,phrase", [
+    ("sample", ["--ckpt", "{root}/zero.pt"], "zero.pt: unreadable or truncated checkpoint"),
+    ("eval_fid", ["--ckpt", "{root}/zero.pt"], "zero.pt: unreadable or truncated checkpoint"),
+    ("convert", ["{root}/zero.pt", "{root}/out.safetensors"], "zero.pt: unreadable or truncated checkpoint"),
+    ("eval_fid", ["--ckpt", "{root}/uncond", "--ref", "{root}/notref.npz"], "neither 'arr_0' images nor"),
+    ("sample", ["--ckpt", "{root}/uncond", "--cfg-scale", "4"], "this model is unconditional"),
+    ("train", ["--config", "tiny", "--optim.lr", "inf"], "optim.lr: expected a finite number"),
+    ("train", ["--config", "tiny", "--results-dir", "{root}", "--run-name", "img", "--data.source", "images",
+               "--data-path", "{root}/images", "--data.autoencoder", "identity", "--model.in_channels", "3",
+               "--data.num_workers", "2", "--data.random_flip", "false"], "broken.png: cannot read image"),
+    ("sample", ["--ckpt", "{root}"], "it holds run folders (uncond): pass one of them"),
+])
+def test_bad_input_is_one_line_and_exit_2(broken_inputs, capsys, cli, argv, phrase):
+    import importlib
+
+    from conftest import exit_code
+
+    module = importlib.import_module("sit_atconv.convert" if cli == "convert" else cli)
+    argv = [a.format(root=broken_inputs) for a in argv]
+    assert exit_code(module.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and phrase in err[-1] and err[-1].startswith("error: ") and len(
+        [line for line in err if line.startswith("error: ")]) == 1, err
+
+
+def test_writes_get_umask_permissions_and_leave_no_temp_files(tmp_path):
+    from sit_atconv.io import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_text_atomic(tmp_path / "a" / "config.yaml", "x: 1\n")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644 and path.read_text() == "x: 1\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.yaml"]
+
+
+def test_non_finite_sampler_numbers_are_refused(capsys):
+    from conftest import exit_code
+
+    import sample
+
+    for flag in ("--cfg-scale", "--atol"):
+        assert exit_code(sample.main, [flag, "inf"]) == 2
+        assert "must be a finite number" in capsys.readouterr().err

@@ -68,8 +68,8 @@ def _load_autoencoder_kl(source: str, dtype: torch.dtype):
     local = Path(source).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise AutoencoderError(f"autoencoder folder {local} has no config.json; point --data.autoencoder "
-                                   "at a folder written by AutoencoderKL.save_pretrained")
+            raise AutoencoderError(f"autoencoder folder {local} has no config.json; give as the autoencoder "
+                                   "a folder written by AutoencoderKL.save_pretrained")
         try:
             return AutoencoderKL.from_pretrained(str(local), torch_dtype=dtype, local_files_only=True)
         except Exception as err:
@@ -86,7 +86,8 @@ def _load_autoencoder_kl(source: str, dtype: torch.dtype):
                f"network (`huggingface-cli download {source}`) or pass a local folder" if offline else
                f"download failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); check the "
                "network or pass a local folder")
-        raise AutoencoderError(f"autoencoder '{source}': {fix} to --data.autoencoder") from None
+        raise AutoencoderError(f"autoencoder '{source}': {fix} as the autoencoder (--data.autoencoder in "
+                               "train.py, --autoencoder in extract_latents)") from None
 
 
 class VAEAutoencoder(Autoencoder):

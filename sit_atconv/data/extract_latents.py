@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..cli import CLIParser, positive_int, run_cli
+from ..cli import CLIParser, finite_float, positive_int, run_cli
 from ..errors import ConfigError, DataError
 from ..io import atomic_write, write_text_atomic
+from ..stopping import StopSignals
 from .encoders import SD_VAE_ID, SD_VAE_SCALE, Autoencoder, load_autoencoder
 from .images import load_image, scan_image_folder
 from .latents import (
@@ -111,14 +112,18 @@ def extract_latents(data_path: str | os.PathLike, out: str | os.PathLike, autoen
                disable=not state.is_local_main_process)
     shards, buffer = iter(todo), []
     shard = next(shards, None)
-    for images in loader:
-        images = images.to(state.device)
-        both = autoencoder.encode(torch.cat([images, images.flip(-1)]))
-        buffer.append(torch.stack(both.chunk(2), dim=1).cpu().numpy().astype(DTYPES[dtype]))
-        bar.update(len(images))
-        if sum(len(b) for b in buffer) == len(shard_indices(shard, len(files), shard_size)):
-            _save_npy(np.concatenate(buffer), shard_path(out, shard))
-            buffer, shard = [], next(shards, None)
+    with StopSignals("SIGUSR1") as stop:
+        for images in loader:
+            images = images.to(state.device)
+            both = autoencoder.encode(torch.cat([images, images.flip(-1)]))
+            buffer.append(torch.stack(both.chunk(2), dim=1).cpu().numpy().astype(DTYPES[dtype]))
+            bar.update(len(images))
+            if sum(len(b) for b in buffer) == len(shard_indices(shard, len(files), shard_size)):
+                _save_npy(np.concatenate(buffer), shard_path(out, shard))
+                buffer, shard = [], next(shards, None)
+                if stop.received:
+                    raise DataError(f"stopped by {stop.received}: every finished shard of {out} is kept; rerun the "
+                                    "same command to continue")
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="store folder to create or resume")
     p.add_argument("--image-size", type=positive_int, default=256, help="ADM centre-crop side (default: 256)")
     p.add_argument("--autoencoder", default=SD_VAE_ID, help=f"hub id, local folder, or identity (default: {SD_VAE_ID})")
-    p.add_argument("--latent-scale", type=float, default=SD_VAE_SCALE,
+    p.add_argument("--latent-scale", type=finite_float, default=SD_VAE_SCALE,
                    help=f"latent multiplier (default: {SD_VAE_SCALE})")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per encoder call (x2 with flips)")
     p.add_argument("--shard-size", type=positive_int, default=1024, help="images per shard file")

@@ -37,6 +37,7 @@ from ..errors import GenerationError
 from ..io import atomic_write, write_npz_atomic, write_text_atomic
 from ..metrics import Images
 from ..sampling import ImageSampler, SamplingOptions
+from ..stopping import StopSignals
 
 MANIFEST_FORMAT = "sit_atconv.evaluation.samples/1"
 LABEL_RULE = "i % num_classes"
@@ -140,16 +141,20 @@ def generate_samples(sampler: ImageSampler, opts: SamplingOptions, out_dir: str 
     todo = sum(min(shard_size, num_samples - k * shard_size) for k in mine)
     bar = tqdm(total=todo, unit="img", desc=f"sampling (main process of {state.num_processes})",
                disable=not (show_progress and state.is_main_process and todo))
-    for k in mine:
-        indices = range(k * shard_size, min((k + 1) * shard_size, num_samples))
-        labels = sample_labels(indices, sampler.num_classes)
-        parts = []
-        for start in range(0, len(indices), batch_size):
-            idx = indices[start:start + batch_size]
-            parts.append(sampler.images(opts, labels[start:start + batch_size], idx, seed, state.device,
-                                        batch_size, show_progress=False))
-            bar.update(len(idx))
-        _write_shard(shard_path(out_dir, k), torch.cat(parts), labels, indices)
+    with StopSignals("SIGUSR1") as stop:
+        for done, k in enumerate(mine):
+            indices = range(k * shard_size, min((k + 1) * shard_size, num_samples))
+            labels = sample_labels(indices, sampler.num_classes)
+            parts = []
+            for start in range(0, len(indices), batch_size):
+                idx = indices[start:start + batch_size]
+                parts.append(sampler.images(opts, labels[start:start + batch_size], idx, seed, state.device,
+                                            batch_size, show_progress=False))
+                bar.update(len(idx))
+            _write_shard(shard_path(out_dir, k), torch.cat(parts), labels, indices)
+            if stop.received:
+                raise GenerationError(f"stopped by {stop.received}: {done + 1} of this process's {len(mine)} shards "
+                                      f"are written to {out_dir} and kept; rerun the same command to continue")
     bar.close()
     state.wait_for_everyone()
     run_on_main(state, lambda: assemble(out_dir, manifest, png=png))

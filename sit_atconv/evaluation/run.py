@@ -22,7 +22,7 @@ from ..build import load_run, run_dir_for
 from ..config_io import load_config
 from ..errors import ConfigError, GenerationError
 from ..io import write_text_atomic
-from ..metrics import INCEPTION_NAME, InceptionV3Features, compute_metrics, load_reference
+from ..metrics import INCEPTION_NAME, InceptionV3Features, check_reference, compute_metrics, load_reference
 from ..sampling import SamplingOptions
 from .digits_features import DigitsFeatures, digits_uint8
 from .generate import generate_samples, process_state, run_on_main
@@ -51,6 +51,8 @@ def _extractor_kind(extractor: str, ref, metrics, inception_weights) -> str:
         raise ConfigError("--inception-weights applies to the Inception extractor: pass --ref too.")
     if ref is not None and not Path(ref).exists():
         raise ConfigError(f"{ref}: no such reference .npz file or image folder.")
+    if ref is not None:
+        check_reference(ref)  # before any sampling: a wrong file fails in seconds, not after 50k samples
     return kind
 
 

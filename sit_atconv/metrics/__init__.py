@@ -14,7 +14,7 @@ from .inception import (
     default_weights_path,
     load_inception_weights,
 )
-from .reference import Images, load_reference, save_reference
+from .reference import Images, check_reference, load_reference, save_reference
 from .stats import (
     Extractor,
     FeatureSet,
@@ -37,6 +37,7 @@ __all__ = [
     "InceptionV3Features",
     "InceptionWeightsError",
     "available_metrics",
+    "check_reference",
     "compute_metrics",
     "default_weights_path",
     "extract_features",

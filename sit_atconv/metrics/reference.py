@@ -216,6 +216,22 @@ def load_reference(
     return features
 
 
+def check_reference(source: str | os.PathLike) -> None:
+    """Cheap up-front check of a reference (before any sampling): an image folder with images, or an .npz
+    with `arr_0` uint8 images, ADM's `mu`/`sigma`, or statistics from `save_reference`."""
+    path = Path(source)
+    if not path.is_file():
+        Images(path)  # a folder: must hold images
+        return
+    with _open_npz(path) as npz:
+        keys = set(npz.files)
+    if "arr_0" in keys:
+        Images(path)  # header: uint8 (N, H, W, 3)
+    elif not {"mu", "sigma"} <= keys:
+        raise MetricInputError(f"{path}: neither 'arr_0' images nor 'mu'/'sigma' statistics (has {sorted(keys)}); "
+                               "pass an ADM reference batch, an image folder or a statistics file")
+
+
 def _open_npz(path: Path):
     try:
         return np.load(path, allow_pickle=False)

@@ -4,7 +4,6 @@ folder, and no checkpoint with non-finite weights."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 from pathlib import Path
 
@@ -13,39 +12,17 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..errors import RunError
+from ..stopping import StopSignals
 
-STOP_SIGNALS = ("SIGTERM", "SIGINT")
+__all__ = ["RunLock", "StopSignals", "finite_weights", "stop_requested"]
 
 
-class StopSignals:
-    """Within `with`, SIGTERM, SIGINT and `extra` (e.g. SLURM's pre-warning SIGUSR1) only raise a flag:
-    the loop finishes its step, checkpoints and returns. The previous handlers come back afterwards."""
-
-    def __init__(self, extra: str | None = None):
-        self.names = STOP_SIGNALS + ((extra,) if extra and extra not in STOP_SIGNALS else ())
-        self.received: str | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignals:
-        for name in self.names:
-            number = getattr(signal, name)
-            self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, number: int, frame) -> None:
-        self.received = self.received or signal.Signals(number).name
-
-    def requested(self, accelerator: Accelerator) -> bool:
-        """True on every process once any process got a signal (one tiny all-reduce per step when distributed)."""
-        flag = self.received is not None
-        if accelerator.num_processes > 1:
-            flag = bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item())
-        return flag
-
+def stop_requested(stop: StopSignals, accelerator: Accelerator) -> bool:
+    """True on every process once any process got a signal (one tiny all-reduce per step when distributed)."""
+    flag = stop.received is not None
+    if accelerator.num_processes > 1:
+        flag = bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item())
+    return flag
 
 def finite_weights(model: nn.Module) -> bool:
     """Every parameter and buffer finite (one host sync; called before checkpoints only)."""

@@ -26,7 +26,7 @@ from ..errors import RunError
 from ..seeding import TRAIN_STEP, derive_seed
 from .data_order import ResumableBatchSampler
 from .ema import update_ema
-from .guards import StopSignals, finite_weights
+from .guards import StopSignals, finite_weights, stop_requested
 from .trackers import Tracker
 
 
@@ -164,7 +164,7 @@ def training_loop(task, state: TrainState, dataset: Dataset, accelerator: Accele
             update_ema(state.ema, state.model, s.ema_decay)
             meter.add(loss, extra)
             state.step = done = step + 1
-            last, stopping = done == s.max_steps, stop.requested(accelerator)
+            last, stopping = done == s.max_steps, stop_requested(stop, accelerator)
             if done % s.log_every == 0 or last or stopping:
                 metrics = {**meter.flush(accelerator, s.global_batch_size), "lr": state.scheduler.get_last_lr()[0]}
                 if not math.isfinite(metrics["loss"]):
