@@ -176,9 +176,15 @@ def test_cli_errors_are_one_line_and_come_before_sampling(run_dir, tmp_path, cap
         (["--ckpt", str(run_dir), "--extractor", "inception"], "--ref"),
         (["--ckpt", str(run_dir), "--metrics", "sfid"], "sfid"),
         (["--ckpt", str(run_dir), "--ref", str(tmp_path / "VIRTUAL.npz")], "no such reference"),
-        (["--ckpt", str(run_dir), "--ref", str(tmp_path), "--inception-weights", str(tmp_path / "w.pth"),
+        (["--ckpt", str(run_dir), "--ref", str(tmp_path / "refimgs"), "--inception-weights", str(tmp_path / "w.pth"),
           "--out-dir", str(tmp_path / "never")], "--inception-weights PATH"),
+        (["--ckpt", str(run_dir), "--ref", str(tmp_path / "empty")], "no .png/.jpg"),  # checked before sampling
     ]
+    from PIL import Image
+
+    (tmp_path / "refimgs").mkdir()
+    (tmp_path / "empty").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "refimgs" / "a.png")
     for argv, message in cases:
         start = time.perf_counter()
         assert eval_fid.main(argv) == 2
