@@ -177,6 +177,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     seed: int = _f(0, "global seed")
     resume: str = _f("auto", "'auto' (latest checkpoint in the run folder), 'none', or a checkpoint path")
+    max_bad_steps: int = _f(3, "non-finite steps in a row that are skipped (no update, no EMA) before the run "
+                            "stops; 0 = stop at the first")
     stop_signal: str | None = _f("SIGUSR1", "a pre-warning signal that, like SIGTERM and SIGINT, makes the run "
                                  "finish its step, checkpoint and exit 0 (SLURM: --signal=USR1@90); none = only those")
 
@@ -237,8 +239,8 @@ POSITIVE = ("model.depth", "model.hidden_size", "model.patch_size", "model.num_h
             "classifier.in_chans", "classifier.num_classes", "classifier.input_size", "optim.lr_reference_batch",
             "augment.repeats")
 NON_NEGATIVE = ("transport.cfg_scale", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
-                "optim.warmup_lr", "optim.min_lr", "train.seed", "log.keep_last", "log.preview_every",
-                "augment.color_jitter", "augment.mixup", "augment.cutmix", "augment.shift")
+                "optim.warmup_lr", "optim.min_lr", "train.seed", "train.max_bad_steps", "log.keep_last",
+                "log.preview_every", "augment.color_jitter", "augment.mixup", "augment.cutmix", "augment.shift")
 UNIT_INTERVAL = ("model.class_dropout_prob", "train.ema_decay", "classifier.drop_path", "augment.random_erase",
                  "augment.label_smoothing")  # [0, 1)
 

@@ -2,6 +2,7 @@
 one trainer per run folder, a corrupt newest checkpoint skipped on resume, no duplicate metric steps."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -71,7 +72,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 def test_a_diverging_run_stops_with_one_line_and_keeps_its_finite_checkpoints(tmp_path):
     train(tiny_config(tmp_path, "boom", "train.max_steps=10", "log.ckpt_every=5"))
     reset_accelerate()
-    with pytest.raises(RunError, match=r"(loss became nan|non-finite) by step"):
+    with pytest.raises(RunError, match=r"non-finite (steps in a row )?by step"):
         train(tiny_config(tmp_path, "boom", "train.max_steps=40", "log.ckpt_every=5", "optim.lr=1e30"))
     kept = list_checkpoints(tmp_path / "boom")
     assert kept and all(torch.isfinite(v).all() for s, p in kept for v in load_checkpoint(p)["ema"].values())
@@ -185,3 +186,58 @@ def test_non_finite_sampler_numbers_are_refused(capsys):
     for flag in ("--cfg-scale", "--atol"):
         assert exit_code(sample.main, [flag, "inf"]) == 2
         assert "must be a finite number" in capsys.readouterr().err
+
+
+class NaNAtSteps:
+    """A task whose loss is NaN on chosen calls (1-based), else the mean square of the model's output."""
+
+    name = "nan"
+
+    def __init__(self, bad_calls):
+        self.bad_calls, self.calls = set(bad_calls), 0
+
+    def prepare(self, batch):
+        return batch
+
+    def loss(self, model, batch):
+        self.calls += 1
+        x, y = batch
+        loss = model(x, torch.full((len(x),), 0.5), y).square().mean() + 1.0
+        return (loss * float("nan") if self.calls in self.bad_calls else loss), {}
+
+    def preview(self, model, step, run_dir):
+        return {}
+
+
+def _run_task(tmp_path, task, max_bad):
+    from accelerate import Accelerator
+
+    from sit_atconv.build import build_dataset
+    from sit_atconv.config import config_to_dict
+    from sit_atconv.train.loop import training_loop
+    from sit_atconv.train.trackers import Tracker
+
+    cfg = tiny_config(tmp_path, "guard", "train.max_steps=6", "log.ckpt_every=6", "log.log_every=6",
+                      f"train.max_bad_steps={max_bad}")
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, 1e-3, 0.0)
+    state = TrainState(model, create_ema(model), optimizer, lr_schedule(optimizer, cfg))
+    (tmp_path / "guard").mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(tmp_path / "guard", [], {})
+    try:
+        training_loop(task, state, build_dataset(cfg), Accelerator(cpu=True), tmp_path / "guard",
+                      LoopSettings.from_config(cfg), tracker, config_to_dict(cfg))
+    finally:
+        tracker.close()
+    return state
+
+
+def test_non_finite_steps_are_skipped_in_place_then_stop_the_run(tmp_path):
+    state = _run_task(tmp_path, NaNAtSteps({3, 4}), max_bad=2)
+    logs = [json.loads(line) for line in (tmp_path / "guard" / "metrics.jsonl").read_text().splitlines()]
+    assert state.step == 6 and logs[-1]["skipped_steps"] == 2 and math.isfinite(logs[-1]["loss"])
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
+    assert load_checkpoint(tmp_path / "guard")["step"] == 6
+    reset_accelerate()
+    with pytest.raises(RunError, match="3 non-finite steps in a row by step 5"):
+        _run_task(tmp_path / "b", NaNAtSteps({3, 4, 5}), max_bad=2)

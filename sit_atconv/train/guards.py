@@ -14,15 +14,35 @@ from torch import nn
 from ..errors import RunError
 from ..stopping import StopSignals
 
-__all__ = ["RunLock", "StopSignals", "finite_weights", "stop_requested"]
+__all__ = ["RunLock", "StepGuard", "StopSignals", "finite_weights"]
 
 
-def stop_requested(stop: StopSignals, accelerator: Accelerator) -> bool:
-    """True on every process once any process got a signal (one tiny all-reduce per step when distributed)."""
-    flag = stop.received is not None
-    if accelerator.num_processes > 1:
-        flag = bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item())
-    return flag
+class StepGuard:
+    """After each backward pass: did any process get a stop signal, and is the step non-finite (loss or
+    gradient norm) on any process? One host sync per step (a two-value max all-reduce when distributed) —
+    the price of skipping a bad update before it reaches the weights. More than `max_bad` bad steps in a
+    row stop the run with one line."""
+
+    def __init__(self, stop: StopSignals, max_bad: int):
+        self.stop, self.max_bad, self.skipped, self.consecutive = stop, max_bad, 0, 0
+
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, accelerator: Accelerator,
+              step: int) -> tuple[bool, bool]:
+        """(stop now, skip this update), the same on every process."""
+        bad = ~torch.isfinite(loss.detach().float())
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device).float())
+        flags = torch.stack([torch.tensor(float(self.stop.received is not None), device=bad.device), bad.float()])
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, "max")
+        stop, skip = (value > 0 for value in flags.tolist())
+        self.consecutive = self.consecutive + 1 if skip else 0
+        self.skipped += skip
+        if self.consecutive > self.max_bad:
+            raise RunError(f"{self.consecutive} non-finite steps in a row by step {step + 1} (their updates "
+                           "skipped); lower --optim.lr or set --optim.grad_clip, then rerun to continue "
+                           "from the last checkpoint")
+        return stop, skip
 
 def finite_weights(model: nn.Module) -> bool:
     """Every parameter and buffer finite (one host sync; called before checkpoints only)."""

@@ -8,7 +8,6 @@ checkpoint is bit-identical to one that never stopped (same world size).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from ..errors import RunError
 from ..seeding import TRAIN_STEP, derive_seed
 from .data_order import ResumableBatchSampler
 from .ema import update_ema
-from .guards import StopSignals, finite_weights, stop_requested
+from .guards import StepGuard, StopSignals, finite_weights
 from .trackers import Tracker
 
 
@@ -48,13 +47,15 @@ class LoopSettings:
     keep_every: int
     repeats: int = 1
     stop_signal: str | None = None
+    max_bad_steps: int = 0
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> LoopSettings:
         t, lg = cfg.train, cfg.log
         return cls(t.max_steps, t.global_batch_size, t.ema_decay, cfg.optim.grad_clip, t.compile, t.seed,
                    cfg.data.num_workers, lg.log_every, lg.ckpt_every, lg.preview_every, lg.keep_last,
-                   lg.keep_every or 0, cfg.augment.repeats if t.task == "classification" else 1, t.stop_signal)
+                   lg.keep_every or 0, cfg.augment.repeats if t.task == "classification" else 1, t.stop_signal,
+                   t.max_bad_steps)
 
 
 @dataclass
@@ -150,26 +151,26 @@ def training_loop(task, state: TrainState, dataset: Dataset, accelerator: Accele
     bar = tqdm(range(state.step, s.max_steps), initial=state.step, total=s.max_steps, desc="train",
                unit="step", disable=not main, dynamic_ncols=True)
     with StopSignals(s.stop_signal) as stop:
+        guard = StepGuard(stop, s.max_bad_steps)
         for step in bar:
             torch.manual_seed(derive_seed(TRAIN_STEP, s.seed, step, accelerator.process_index))  # this step's draws
             batch = task.prepare(_to_device(next(batches), device))
             with accelerator.autocast():
                 loss, extra = task.loss(step_model, batch)
             accelerator.backward(loss)
-            if s.grad_clip:
-                accelerator.clip_grad_norm_(state.model.parameters(), s.grad_clip)
-            state.optimizer.step()
-            state.scheduler.step()
+            norm = accelerator.clip_grad_norm_(state.model.parameters(), s.grad_clip) if s.grad_clip else None
+            stopping, skip = guard.check(loss, norm, accelerator, step)
+            if not skip:
+                state.optimizer.step()
+                update_ema(state.ema, state.model, s.ema_decay)
+                meter.add(loss, extra)
+            state.scheduler.step()  # the schedule follows the step count, skipped steps included
             state.optimizer.zero_grad(set_to_none=True)
-            update_ema(state.ema, state.model, s.ema_decay)
-            meter.add(loss, extra)
             state.step = done = step + 1
-            last, stopping = done == s.max_steps, stop_requested(stop, accelerator)
-            if done % s.log_every == 0 or last or stopping:
-                metrics = {**meter.flush(accelerator, s.global_batch_size), "lr": state.scheduler.get_last_lr()[0]}
-                if not math.isfinite(metrics["loss"]):
-                    raise RunError(f"loss became {metrics['loss']} by step {done}; lower --optim.lr or set "
-                                   "--optim.grad_clip, then rerun to continue from the last checkpoint")
+            last = done == s.max_steps
+            if (done % s.log_every == 0 or last or stopping) and meter.count:
+                metrics = {**meter.flush(accelerator, s.global_batch_size), "lr": state.scheduler.get_last_lr()[0],
+                           **({"skipped_steps": guard.skipped} if guard.skipped else {})}
                 tracker.log(metrics, done)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
             if done % s.ckpt_every == 0 or last or stopping:
