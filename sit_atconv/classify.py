@@ -33,7 +33,7 @@ from .convert import from_reference
 from .data import DigitsDataset
 from .errors import CheckpointError, ConfigError
 from .io import write_text_atomic
-from .tasks.classification import topk_correct
+from .tasks.classification import count_correct
 
 
 def fitting_variant(state: dict[str, torch.Tensor], num_classes: int) -> str | None:
@@ -98,11 +98,8 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int, num_workers: i
     """Top-1/top-5 over `dataset`, each process taking every world-th image; the sums are all-reduced."""
     mine = Subset(dataset, range(state.process_index, len(dataset), state.num_processes))
     loader = DataLoader(mine, batch_size=batch_size, num_workers=num_workers)
-    counts = torch.zeros(3, dtype=torch.long, device=state.device)
-    for x, y in tqdm(loader, desc="classify", unit="batch", disable=not state.is_main_process):
-        x, y = x.to(state.device), y.to(state.device)
-        c1, c5 = topk_correct(model(x).float(), y)
-        counts += torch.tensor([c1, c5, len(y)], device=state.device)
+    batches = tqdm(loader, desc="classify", unit="batch", disable=not state.is_main_process)
+    counts = torch.tensor(count_correct(model, batches, state.device), device=state.device)
     if state.num_processes > 1:
         counts = reduce(counts, "sum")
     top1, top5, n = counts.tolist()
