@@ -19,7 +19,7 @@ from pathlib import Path
 import timm
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env, reduce
+from accelerate.utils import reduce
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -33,6 +33,7 @@ from .convert import from_reference
 from .data import DigitsDataset
 from .errors import CheckpointError, ConfigError
 from .io import write_text_atomic
+from .launch import process_state
 from .tasks.classification import count_correct
 
 
@@ -113,7 +114,7 @@ def default_out_dir(checkpoint: str | Path, data: str, name: str) -> Path:
 
 
 def body(args) -> int:
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = process_state()
     model, name = load_classifier(args.checkpoint, args.model, state.device)
     dataset = evaluation_set(args.data, model)
     results = accuracy(model, dataset, args.batch_size, args.num_workers, state)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..cli import CLIParser, finite_float, positive_int, run_cli
 from ..errors import ConfigError, DataError
 from ..io import atomic_write, write_text_atomic
+from ..launch import process_state
 from ..stopping import StopSignals
 from .encoders import SD_VAE_ID, SD_VAE_SCALE, Autoencoder, load_autoencoder
 from .images import load_image, scan_image_folder
@@ -81,11 +82,7 @@ def extract_latents(data_path: str | os.PathLike, out: str | os.PathLike, autoen
 
     `state` is an `accelerate.PartialState` (default: the current one); rank r encodes shards r, r+W, ...
     """
-    if state is None:
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
-
-        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
+    state = state or process_state()
     out = Path(out)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")

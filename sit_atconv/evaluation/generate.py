@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, parse_flag_from_env
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from ..errors import GenerationError
 from ..io import atomic_write, write_npz_atomic, write_text_atomic
+from ..launch import process_state
 from ..metrics import Images
 from ..sampling import ImageSampler, SamplingOptions
 from ..stopping import StopSignals
@@ -51,11 +52,6 @@ def default_shard_size(num_samples: int) -> int:
 def sample_labels(indices: torch.Tensor | range, num_classes: int) -> torch.Tensor:
     """Label of image i: i % num_classes (balanced classes; 0 for an unconditional model)."""
     return torch.as_tensor(list(indices), dtype=torch.long) % num_classes
-
-
-def process_state() -> PartialState:
-    """This process's place in the launch; honours ACCELERATE_USE_CPU, which a bare PartialState() ignores."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def run_on_main(state: PartialState, fn: Callable[[], Any]) -> Any:

@@ -22,10 +22,11 @@ from ..build import load_run, run_dir_for
 from ..config_io import load_config
 from ..errors import ConfigError, GenerationError
 from ..io import write_text_atomic
+from ..launch import process_state
 from ..metrics import INCEPTION_NAME, InceptionV3Features, check_reference, compute_metrics, load_reference
 from ..sampling import SamplingOptions
 from .digits_features import DigitsFeatures, digits_uint8
-from .generate import generate_samples, process_state, run_on_main
+from .generate import generate_samples, run_on_main
 
 DIGITS_NUM_SAMPLES = 1000  # digits default N: ~1 min of sampling on 2 CPU cores
 NUM_SAMPLES = 50_000  # FID-50K (ADM protocol) for every other run
