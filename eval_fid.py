@@ -9,10 +9,12 @@
 Image i has label i % num_classes and seed (--seed, i): the set is the same on any number of processes.
 Samples are written in shards under --out-dir (default RUN/eval/step<S>_<sampler>_n<N>_seed<seed>); a
 killed run rerun with the same command resumes; other settings for the same folder are refused. Output:
-samples.npz (ADM format: arr_0 uint8 N x H x W x 3, labels), metrics.json and a printed table.
+samples.npz (ADM format: arr_0 uint8 N x H x W x 3, labels), metrics.json (with `nfe`, network evaluations
+per image), samples_grid.png (one row per class) and a printed table.
 With --ref: torch-fidelity's TF-compatible Inception (weights: --inception-weights PATH, or its download
-cache). Without: the digits classifier `digits-attnet` against the held-out digits, plus `fid_floor`
-(training digits vs held-out digits). Every number is labelled with the extractor that produced it.
+cache). Without: the digits classifier `digits-attnet` against the held-out digits, plus the real data's own
+`fid_floor`, `precision_floor` and `recall_floor` (training digits vs held-out digits). Every number is
+labelled with the extractor that produced it. FID against NFE over samplers: python -m sit_atconv.evaluation.sweep
 """
 
 import sys
@@ -41,6 +43,8 @@ def parser() -> CLIParser:
     add("--batch-size", type=positive_int, default=64, help="images per sampler/feature batch, per process")
     add("--out-dir", type=Path, metavar="DIR", help="folder for shards, samples.npz and metrics.json")
     add("--png", action="store_true", help="also write one PNG per sample (out-dir/png)")
+    add("--image-size", type=positive_int, metavar="S", help="sample at this pixel side (another token grid; "
+        "digits: scored after a bilinear antialiased resize to 16 px); folder suffix _<S>px")
     add("--raw", action="store_true", help="use the raw (non-EMA) weights")
     add_sampling_options(p)
     return p
@@ -50,7 +54,8 @@ def body(args) -> int:
     results = evaluate(ckpt=args.ckpt, samples=args.samples, ref=args.ref, extractor=args.extractor,
                        inception_weights=args.inception_weights, num_samples=args.num_samples,
                        seed=args.seed, batch_size=args.batch_size, out_dir=args.out_dir,
-                       opts=options_from_args(args), use_ema=not args.raw, png=args.png, metrics=args.metrics)
+                       opts=options_from_args(args), use_ema=not args.raw, png=args.png, metrics=args.metrics,
+                       image_size=args.image_size)
     if results is not None:  # the main process
         print(format_table(results))
         print(f"wrote {Path(results['out_dir']) / 'metrics.json'}")

@@ -3,8 +3,10 @@
     python sample.py                                    # latest checkpoint of the default (digits) run
     python sample.py --ckpt results/RUN --mode sde --sampling-method Heun --num-steps 250 --cfg-scale 4
     python sample.py --ckpt RUN/checkpoints/step_0400000.pt --class-labels 207 360 387 --num-samples 12
+    python sample.py --ckpt results/digits --image-size 32   # another resolution: a 16x16 token grid, not 8x8
 
-Image i is seeded by (--seed, i): the same command gives the same images on any batch size.
+Image i is seeded by (--seed, i): the same command gives the same images on any batch size. The grid
+upscales small images to cells of at least 64 px (nearest neighbour) and captions each row with its class.
 """
 
 import sys
@@ -17,7 +19,7 @@ from sit_atconv.cli import CLIParser, positive_int, run_cli
 from sit_atconv.config_io import load_config
 from sit_atconv.errors import ConfigError
 from sit_atconv.io import write_npz_atomic
-from sit_atconv.sampling import add_sampling_options, class_grid_labels, options_from_args, save_grid
+from sit_atconv.sampling import add_sampling_options, class_grid_labels, options_from_args, row_labels, save_grid
 
 PER_LABEL = 8
 
@@ -32,7 +34,9 @@ def parser() -> CLIParser:
     p.add_argument("--seed", type=int, default=0, help="base seed; image i uses (seed, i)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per sampler call")
     p.add_argument("--nrow", type=positive_int, help="images per grid row (default: per label)")
-    p.add_argument("--out", type=Path, help="PNG path (default: RUN/samples/sample_step<step>_seed<seed>.png)")
+    p.add_argument("--image-size", type=positive_int, metavar="S", help="pixel side to sample at (default: the "
+                   "trained one); the model runs on another token grid: a multiple of patch x VAE factor")
+    p.add_argument("--out", type=Path, help="PNG path (default: RUN/samples/sample_step<step>_seed<seed>[_<S>px].png)")
     p.add_argument("--save-npz", action="store_true", help="also write the uint8 images and labels as .npz")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,16 +64,19 @@ def labels_for(args, num_classes: int) -> tuple[torch.Tensor, int]:
 def body(args) -> int:
     run = load_run(args.ckpt or run_dir_for(load_config()), args.device, use_ema=not args.raw)
     labels, per_label = labels_for(args, run.cfg.model.num_classes)
-    out = args.out or run.run_dir / "samples" / f"sample_step{run.step:07d}_seed{args.seed}.png"
+    size = f"_{args.image_size}px" if args.image_size else ""
+    out = args.out or run.run_dir / "samples" / f"sample_step{run.step:07d}_seed{args.seed}{size}.png"
     npz = out.with_suffix(".npz")
     clash = [p for p in ([out, npz] if args.save_npz else [out]) if p.exists()]
     if clash and not args.force:
         raise ConfigError(f"{clash[0]} exists; pass --out elsewhere or --force to overwrite")
     opts = options_from_args(args).resolved(run.cfg.transport)
+    sampler = run.sampler().at_image_size(args.image_size) if args.image_size else run.sampler()
     print(f"{run.path} (step {run.step}) | {opts.mode} {opts.sampling_method} {opts.num_steps} steps | "
-          f"cfg {opts.cfg_scale} | {len(labels)} images")
-    images = run.sampler().images(opts, labels, range(len(labels)), args.seed, args.device, args.batch_size)
-    save_grid(images, out, nrow=args.nrow or per_label)
+          f"cfg {opts.cfg_scale} | {len(labels)} images | {sampler.grid_note()}")
+    images = sampler.images(opts, labels, range(len(labels)), args.seed, args.device, args.batch_size)
+    nrow = args.nrow or per_label
+    save_grid(images, out, nrow, captions=row_labels(labels, nrow) if run.cfg.model.num_classes > 1 else None)
     print(f"wrote {out}")
     if args.save_npz:
         write_npz_atomic(npz, arr_0=images.numpy(), labels=labels.numpy())

@@ -1,10 +1,11 @@
 """Every checkpoint read and write: safe loading, atomic durable saving, run-folder listing and retention.
 
-Two kinds of file pass through here:
+Three kinds of file pass through here:
 - *tensor files*: a flat name -> tensor dict (`.safetensors`, or a `.pt`/`.pth` pickle, possibly wrapped in
   'ema'/'model'/'state_dict'): reference weights, converted weights, Inception weights, shipped assets;
 - *training checkpoints*: `RUN/checkpoints/step_XXXXXXX.pt`, one weights-only pickle of model, EMA,
-  optimizer, scheduler, step and the resolved config, so sampling and evaluation need nothing but the file.
+  optimizer, scheduler, step and the resolved config, so sampling and evaluation need nothing but the file;
+- *exports*: sampling-only checkpoints (weights under 'ema', step, config), e.g. a post-hoc EMA reconstruction.
 
 Pickles are always read with `torch.load(weights_only=True)`: one that asks to run code is refused.
 """
@@ -27,6 +28,8 @@ from .errors import CheckpointError, UnsafeCheckpointError
 from .io import atomic_write
 
 TRAINING_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "config")
+EXPORT_KEYS = ("ema", "step", "config")  # a sampling-only checkpoint (e.g. a post-hoc EMA): no raw weights
+TRAINING_ONLY = ("projectors.",)  # weights only the training loss uses (REPA's projector): not exported
 _STEP_FILE = re.compile(r"^step_(\d{7,})\.pt$")
 _WRAPPERS = ("ema", "model", "state_dict", "model_state_dict")
 
@@ -155,5 +158,26 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "config" not in state or "step" not in state:
         raise CheckpointError(f"{path}: not a sit_atconv training checkpoint (no config/step); load reference "
                               "weights with sit_atconv.convert.load_reference_checkpoint, or convert them first.")
+    if state.get("export"):
+        state = ExportState(state)
     state["path"] = path
     return state
+
+
+class ExportState(dict):
+    """A loaded sampling-only checkpoint: asking it for what it lacks ('model', 'optimizer') is one clear error."""
+
+    def __missing__(self, key: str):
+        raise CheckpointError(f"{self.get('path')}: a sampling-only export (weights under 'ema' only) has no "
+                              f"'{key}'; drop --raw, and resume training from the run's own checkpoints")
+
+
+def save_export(path: str | Path, state: dict) -> Path:
+    """Atomically write a sampling-only checkpoint (weights under 'ema' without training-only parts such as
+    REPA's projector, step, config, anything else to record) that `load_checkpoint` and
+    `sit_atconv.build.load_run` read like a training checkpoint."""
+    missing = set(EXPORT_KEYS) - set(state)
+    if missing:
+        raise ValueError(f"export state lacks {sorted(missing)}")
+    state = {**state, "ema": {k: v for k, v in state["ema"].items() if not k.startswith(TRAINING_ONLY)}}
+    return atomic_write(path, lambda tmp: torch.save({**state, "export": True}, tmp))

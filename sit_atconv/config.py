@@ -1,8 +1,10 @@
 """Typed run configuration: one dataclass per concern, defaults = the paper's protocol (SPEC §2).
 
-Sections: `model` (the network), `transport` (interpolant and default sampler), `data` (source and
-autoencoder), `optim` (optimizer and schedule only), `train` (batch, steps, EMA, precision, compile,
-seed, resume) and `log` (run folder, checkpoints, previews, trackers). Files in `configs/` are short
+Sections: `model` (the network), `transport` (interpolant, training-time distribution, default
+sampler), `repa` (representation alignment), `classifier` and `augment` (AttNet runs), `data` (source,
+autoencoder, latent normalisation), `optim` (optimizer and schedule only), `train` (batch, steps, EMA
+and post-hoc EMA, precision, compile, seed, resume, guards) and `log` (run folder, checkpoints,
+previews, trackers). Files in `configs/` are short
 YAML diffs over these defaults (`base:` inherits); every field is also a `--section.field` option
 (`sit_atconv.config_io`). Problems raise one `ConfigError` line naming the key and the fix.
 """
@@ -11,22 +13,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .data.encoders import SD_VAE_ID, SD_VAE_SCALE
+from .data.encoders import LATENT_NORMS, SD_VAE_ID, SD_VAE_SCALE
 from .errors import ConfigError
-from .layers.atconv import KernelPool
+from .layers.atconv import KernelAct, KernelPool
 from .models.attnet import ATTNET_VARIANTS
 from .models.sit import MIXERS, PATCH_SIZES, SIT_SIZES, list_sit_models
-from .transport import LOSS_WEIGHTS, ODE_METHODS, PATHS, PREDICTIONS, SDE_METHODS
+from .posthoc_ema import MAX_SIGMA_REL
+from .transport import LOSS_WEIGHTS, ODE_METHODS, PATHS, PREDICTIONS, SDE_METHODS, TIME_SAMPLINGS
 
 # the choices of a field come from the code that implements them (one list each)
 Mixer = Literal[MIXERS]
 PathType = Literal[tuple(PATHS)]
 Prediction = Literal[PREDICTIONS]
 LossWeight = Literal[tuple(w for w in LOSS_WEIGHTS if w is not None)]
+TimeSamplingKind = Literal[TIME_SAMPLINGS]
 
 ARCHITECTURE = ("depth", "hidden_size", "patch_size", "num_heads")
 CLASSIFIER_ARCHITECTURE = ("depths", "dims", "exp_rates", "glu_norm", "layer_scale")
@@ -59,6 +64,7 @@ class ModelConfig:
     kernel_size: int = _f(3, "ATConv kernel side k (odd)")
     kernel_pool: KernelPool = _f("sequence", "ATConv kernel pooling: raster stripes "
                                                   "(reference) or a k x k grid")
+    kernel_act: KernelAct = _f("gelu_tanh", "ATConv kernel nonlinearity: gelu_tanh (SiT fork) or silu (REPA fork)")
 
     def architecture(self) -> dict[str, int]:
         """{depth, hidden_size, patch_size, num_heads}: the zoo row of `name`, or the explicit fields."""
@@ -131,19 +137,42 @@ class TransportConfig:
     sampling_method: str = _f("Euler", f"ode: one of {', '.join(ODE_METHODS)}; sde: {' or '.join(SDE_METHODS)}")
     num_steps: int = _f(250, "sampling steps (fixed-step solvers)")
     cfg_scale: float = _f(1.0, "classifier-free guidance scale; 1 = no guidance")
+    time_sampling: TimeSamplingKind = _f("uniform", "training t distribution (t=0 noise, t=1 data): uniform "
+                                          "(SiT) or logit_normal (SD3, LightningDiT, RAE)")
+    time_mean: float = _f(0.0, "logit_normal: mean of logit(t); a t=1-noise paper's (SD3) mean m is -m here")
+    time_std: float = _f(1.0, "logit_normal: std of logit(t), > 0")
+    time_shift: float = _f(1.0, "t -> shift*t/(1+(shift-1)*t) after the draw; 1 = none, < 1 = more noise; "
+                                "SD3/RAE shift s is 1/s here")
+
+
+@dataclass
+class RepaConfig:
+    """REPA (Yu et al. 2025): align the tokens of one block with a frozen vision encoder's patch tokens."""
+
+    coeff: float = _f(0.0, "weight of the alignment loss (reference: 0.5); 0 = REPA off")
+    depth: int = _f(8, "align the tokens after this block (1-based; reference: 8)")
+    encoder: str = _f("vit_base_patch14_dinov2.lvd142m", "timm name of the frozen vision encoder")
+    encoder_weights: str | None = _f(None, "local weights of the encoder (timm or official DINOv2 file), or "
+                                     "'random' (tests); none = the features stored in the latent store")
+    encoder_resolution: int | None = _f(None, "encoder input side; none = the side whose patch grid matches "
+                                        "the model's token grid")
+    encoder_dim: int | None = _f(None, "encoder width; none = read from the encoder or the store (recorded "
+                                 "in the run)")
+    projector_dim: int = _f(2048, "hidden width of the projector MLP")
 
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "images", "latents"] = _f("latents", "built-in sklearn digits, an image "
-                                                        "folder, or a store from extract_latents")
+    source: Literal["digits", "images", "latents"] = _f("latents", "sklearn digits, an image folder, or a latent store")
     data_path: str | None = _f(None, "image folder or latent store (unused for digits)")
     image_size: int = _f(256, "pixel side after the ADM centre crop (digits: upsampled side)")
-    autoencoder: str | None = _f(None, f"'identity' (pixel space), a diffusers AutoencoderKL hub id or a "
-                                 f"local folder; none = the latent store's own (latents), identity (digits), "
-                                 f"else {SD_VAE_ID}")
-    latent_scale: float | None = _f(None, f"multiplier on VAE latents; none = the latent store's own, else "
-                                    f"{SD_VAE_SCALE}")
+    autoencoder: str | None = _f(None, f"'identity' (pixel space), a diffusers AutoencoderKL hub id or folder; none "
+                                 f"= the latent store's own (latents), identity (digits), else {SD_VAE_ID}")
+    latent_scale: float | None = _f(None, f"multiplier on VAE latents; none = the store's own, else {SD_VAE_SCALE}")
+    latent_norm: Literal[LATENT_NORMS] = _f("scale", "scale: the model sees latent_scale x z; channel: then (that - "
+                                            "mean_c) / std_c per channel (LightningDiT)")
+    latent_mean: list[float] | None = _f(None, "latent_norm channel: per-channel mean; none = the store's (saved)")
+    latent_std: list[float] | None = _f(None, "latent_norm channel: per-channel std; none = the store's (saved)")
     random_flip: bool = _f(True, "random horizontal flips (latent stores hold both flips)")
     num_workers: int = _f(4, "DataLoader worker processes per rank")
 
@@ -179,8 +208,15 @@ class TrainConfig:
     resume: str = _f("auto", "'auto' (latest checkpoint in the run folder), 'none', or a checkpoint path")
     max_bad_steps: int = _f(3, "non-finite steps in a row that are skipped (no update, no EMA) before the run "
                             "stops; 0 = stop at the first")
+    nonfinite_check: Literal["auto", "step", "device"] = _f("auto", "where the non-finite guard acts: step = a host "
+                                                           "sync per step; device = on the GPU, counted at log steps; "
+                                                           "auto = device on CUDA (not fp16), else step")
     stop_signal: str | None = _f("SIGUSR1", "a pre-warning signal that, like SIGTERM and SIGINT, makes the run "
                                  "finish its step, checkpoint and exit 0 (SLURM: --signal=USR1@90); none = only those")
+    phema_sigma_rels: list[float] = _f([], "post-hoc EMA (EDM2): relative widths of the power-function EMA profiles "
+                                       "to track, e.g. 0.05,0.10; snapshots in RUN/phema let `python -m "
+                                       "sit_atconv.phema` rebuild any width later; none = off")
+    phema_every: int = _f(10_000, "steps between post-hoc EMA snapshots (one model copy per width on disk each)")
 
 
 @dataclass
@@ -201,6 +237,7 @@ class LogConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -210,15 +247,6 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
-# keys of earlier versions -> where they live now (configs and flags name the new place; saved runs migrate)
-MOVED: dict[str, str] = {
-    **{f"optim.{k}": f"train.{k}" for k in ("global_batch_size", "max_steps", "ema_decay", "mixed_precision",
-                                            "compile", "seed")},
-    "log.resume": "train.resume",
-    "log.sample_every": "log.preview_every",
-}
-
-
 def nearest(word: str, options: list[str]) -> str:
     """"; did you mean 'X'?" for the closest option, or ''."""
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
@@ -237,8 +265,9 @@ POSITIVE = ("model.depth", "model.hidden_size", "model.patch_size", "model.num_h
             "data.image_size", "data.latent_scale", "optim.lr", "optim.eps", "optim.grad_clip",
             "train.global_batch_size", "train.max_steps", "log.ckpt_every", "log.keep_every", "log.log_every",
             "classifier.in_chans", "classifier.num_classes", "classifier.input_size", "optim.lr_reference_batch",
-            "augment.repeats")
-NON_NEGATIVE = ("transport.cfg_scale", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
+            "augment.repeats", "repa.depth", "repa.encoder_resolution", "repa.encoder_dim",
+            "repa.projector_dim", "train.phema_every")
+NON_NEGATIVE = ("transport.cfg_scale", "repa.coeff", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
                 "optim.warmup_lr", "optim.min_lr", "train.seed", "train.max_bad_steps", "log.keep_last",
                 "log.preview_every", "augment.color_jitter", "augment.mixup", "augment.cutmix", "augment.shift")
 UNIT_INTERVAL = ("model.class_dropout_prob", "train.ema_decay", "classifier.drop_path", "augment.random_erase",
@@ -315,6 +344,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("train_eps", "sample_eps"):
         v = getattr(t, key)
         _check(v is None or 0.0 <= v < 0.5, f"transport.{key}: must be in [0, 0.5) or none, got {v}")
+    for key in ("time_std", "time_shift"):
+        _check(math.isfinite(getattr(t, key)) and getattr(t, key) > 0,
+               f"transport.{key}: must be a finite number > 0, got {getattr(t, key)}")
+    _check(math.isfinite(t.time_mean), f"transport.time_mean: must be finite, got {t.time_mean}")
+    _check(t.time_sampling == "logit_normal" or (t.time_mean, t.time_std) == (0.0, 1.0),
+           "transport.time_mean/time_std shape the logit_normal draw only: set transport.time_sampling=logit_normal, "
+           "or leave them at 0 and 1")
     _check(cfg.data.autoencoder is None or bool(cfg.data.autoencoder.strip()),
            "data.autoencoder: empty; use identity, a hub id, a folder, or none")
     _check(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas: each must be in [0, 1), got {o.betas}")
@@ -322,6 +358,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.train.stop_signal is None or isinstance(getattr(signal, cfg.train.stop_signal, None), signal.Signals),
            f"train.stop_signal: {cfg.train.stop_signal!r} is not a signal name such as SIGUSR1")
     _check(bool(cfg.train.resume.strip()), "train.resume: empty; use 'auto', 'none' or a checkpoint path")
+    rels = cfg.train.phema_sigma_rels
+    _check(all(0.0 < s <= MAX_SIGMA_REL for s in rels) and len(set(rels)) == len(rels),
+           f"train.phema_sigma_rels: each must be in (0, {MAX_SIGMA_REL:.4f}] and listed once, got {rels}")
     _check(lg.run_name is None or ("/" not in lg.run_name and lg.run_name not in ("", ".", "..")),
            f"log.run_name: {lg.run_name!r} must be a plain folder name")
     return cfg
@@ -333,23 +372,3 @@ def config_to_dict(cfg: RunConfig) -> dict:
     """Plain nested dict (lists, not tuples) suitable for YAML/JSON and checkpoints."""
     out = dataclasses.asdict(cfg)
     return {s: {k: list(v) if isinstance(v, tuple) else v for k, v in vals.items()} for s, vals in out.items()}
-
-
-def migrate_saved(data: dict) -> dict:
-    """A config saved by an earlier version (checkpoint or config.yaml) in today's layout.
-
-    Moves keys listed in `MOVED`, and turns a zoo name with overridden depth/width/heads (the old way to
-    state a custom size) into the explicit architecture it described.
-    """
-    data = {s: dict(v or {}) for s, v in data.items()}
-    for old, new in MOVED.items():
-        (s_old, k_old), (s_new, k_new) = old.split("."), new.split(".")
-        if k_old in data.get(s_old, {}):
-            data.setdefault(s_new, {})[k_new] = data[s_old].pop(k_old)
-    model = data.get("model", {})
-    if model.get("name") and any(model.get(k) is not None for k in ("depth", "hidden_size", "num_heads")):
-        row = ModelConfig(name=model.pop("name")).architecture()
-        for key in ARCHITECTURE:
-            model[key] = model.get(key) if model.get(key) is not None else row[key]
-        model["name"] = None
-    return data

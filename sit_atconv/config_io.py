@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .config import MOVED, SECTIONS, RunConfig, config_to_dict, migrate_saved, nearest, validate
+from .config import ARCHITECTURE, SECTIONS, ModelConfig, RunConfig, config_to_dict, nearest, validate
 from .errors import ConfigError
 from .io import write_text_atomic
 
@@ -28,6 +28,35 @@ ALIASES: dict[str, str] = {
     "--mixed-precision": "train.mixed_precision", "--data-path": "data.data_path", "--model": "model.name",
     "--mixer": "model.mixer", "--run-name": "log.run_name",
 }
+
+
+# keys of earlier versions -> where they live now (configs and flags name the new place; saved runs migrate)
+MOVED: dict[str, str] = {
+    **{f"optim.{k}": f"train.{k}" for k in ("global_batch_size", "max_steps", "ema_decay", "mixed_precision",
+                                            "compile", "seed")},
+    "log.resume": "train.resume",
+    "log.sample_every": "log.preview_every",
+}
+
+
+def migrate_saved(data: dict) -> dict:
+    """A config saved by an earlier version (checkpoint or config.yaml) in today's layout.
+
+    Moves keys listed in `MOVED`, and turns a zoo name with overridden depth/width/heads (the old way to
+    state a custom size) into the explicit architecture it described.
+    """
+    data = {s: dict(v or {}) for s, v in data.items()}
+    for old, new in MOVED.items():
+        (s_old, k_old), (s_new, k_new) = old.split("."), new.split(".")
+        if k_old in data.get(s_old, {}):
+            data.setdefault(s_new, {})[k_new] = data[s_old].pop(k_old)
+    model = data.get("model", {})
+    if model.get("name") and any(model.get(k) is not None for k in ("depth", "hidden_size", "num_heads")):
+        row = ModelConfig(name=model.pop("name")).architecture()
+        for key in ARCHITECTURE:
+            model[key] = model.get(key) if model.get(key) is not None else row[key]
+        model["name"] = None
+    return data
 
 
 def _fields(section: str) -> dict[str, tuple[Any, dataclasses.Field]]:
@@ -244,7 +273,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-UNUSED_BY = {"classification": ("model.", "transport."), "diffusion": ("classifier.", "augment.")}
+UNUSED_BY = {"classification": ("model.", "transport.", "repa."), "diffusion": ("classifier.", "augment.")}
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:

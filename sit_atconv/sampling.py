@@ -10,8 +10,9 @@ solver tolerance across batch compositions.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from .config import TransportConfig
 from .data.encoders import Autoencoder
 from .errors import ConfigError
 from .io import atomic_write
+from .models.sit import unwrap_sit
 from .seeding import IMAGE, derive_seed
 from .transport import DIFFUSION_FORMS, LAST_STEPS, ODE_METHODS, SDE_METHODS, CFGModel, Sampler, Transport
 
@@ -141,13 +143,57 @@ def to_uint8(images: Tensor) -> Tensor:
 
 @dataclass
 class ImageSampler:
-    """Everything needed to turn labels and seeds into images: network, transport, autoencoder, shapes."""
+    """Everything needed to turn labels and seeds into images: network, transport, autoencoder, shapes.
+
+    Counts its cost: `nfe` is the mean number of network evaluations per image over the images drawn so far
+    (the sampler's model calls along one trajectory; a CFG call on the doubled batch [cond, uncond] counts
+    once, so a guided step costs about twice the compute of an unguided one at the same NFE).
+    """
 
     model: nn.Module
     transport: Transport
     autoencoder: Autoencoder
     latent_shape: tuple[int, int, int]
     num_classes: int
+    model_calls: int = field(default=0, init=False)  # sum over images of their trajectory's model calls
+    images_drawn: int = field(default=0, init=False)
+
+    @property
+    def nfe(self) -> float | None:
+        """Mean network evaluations per image drawn by `images` so far; None before the first image."""
+        return self.model_calls / self.images_drawn if self.images_drawn else None
+
+    @property
+    def image_size(self) -> int:
+        """Pixel side of the images drawn (latent side x the autoencoder's downsampling factor)."""
+        return self.latent_shape[-1] * self.autoencoder.downsample_factor
+
+    def at_image_size(self, image_size: int) -> ImageSampler:
+        """This sampler drawing image_size x image_size images: the SiT runs on another token grid (resolution
+        transfer, `SiT.forward`). Refuses a side that is not a multiple of patch x autoencoder factor."""
+        try:
+            patch = unwrap_sit(self.model).patch_size
+        except TypeError as err:
+            raise ConfigError(f"--image-size needs a SiT model: {err}") from None
+        factor = self.autoencoder.downsample_factor
+        if image_size % (patch * factor):
+            raise ConfigError(f"--image-size {image_size}: must be a multiple of {patch * factor} (patch size "
+                              f"{patch} x autoencoder downsampling {factor}); e.g. {patch * factor * 2}")
+        side = image_size // factor
+        return replace(self, latent_shape=(self.latent_shape[0], side, side))
+
+    def grid_note(self) -> str:
+        """One line on the token grid drawn on against the one the model was built for, and what happens to
+        its position embedding there (a model with one gets the sin-cos table recomputed for the new grid)."""
+        sit = unwrap_sit(self.model)
+        h, w = (side // sit.patch_size for side in self.latent_shape[1:])
+        trained = "x".join(map(str, sit.grid_size))
+        if (h, w) == sit.grid_size:
+            return f"{self.image_size} px: the {trained} token grid the model was trained on"
+        if sit.use_pos_embed:
+            return (f"{self.image_size} px: attention/hybrid: sin-cos position embedding recomputed for the "
+                    f"{w}x{h} grid (trained on {trained})")
+        return f"{self.image_size} px: ATConv on the {w}x{h} token grid (trained on {trained}; no position embedding)"
 
     @torch.no_grad()
     def images(self, opts: SamplingOptions, labels: Tensor, indices: Sequence[int], seed: int,
@@ -169,19 +215,68 @@ class ImageSampler:
             sample_fn = make_sample_fn(self.transport, opts, noise_fn=lambda like, g=gens: per_image_randn(
                 g, like.shape[1:], like.device, like.dtype))
             latents = sample_fn(z, guided, y=labels[start:start + batch_size].to(device))[-1]
+            self.model_calls += sample_fn.nfe * len(z)
+            self.images_drawn += len(z)
             out.append(to_uint8(self.autoencoder.decode(latents)).cpu())
         if not out:
             raise ValueError("no images requested")
         return torch.cat(out)
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int) -> Path:
-    """Write uint8 (N, H, W, 3) images as one PNG grid, `nrow` images per row (atomically)."""
+MIN_CELL_PX = 64  # grids upscale small images (digits are 16 px) so a person can read each cell
+
+
+def upscale_nearest(images: Tensor, min_side: int = MIN_CELL_PX) -> Tensor:
+    """uint8 (N, H, W, C) repeated by the smallest integer factor that makes both sides >= min_side."""
+    factor = max(1, math.ceil(min_side / min(images.shape[1], images.shape[2])))
+    return images if factor == 1 else images.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+
+
+def row_labels(labels: Sequence[int] | Tensor, nrow: int, names: Sequence[str] | None = None) -> list[str]:
+    """One caption per grid row of `nrow` images: 'class 3' (or names[3]); mixed rows list each label once."""
+    def caption(row: list[int]) -> str:
+        if names is not None:
+            return ", ".join(names[y] for y in row)
+        return f"class {row[0]}" if len(row) == 1 else "classes " + ", ".join(map(str, row))
+
+    labels = [int(y) for y in labels]
+    return [caption(list(dict.fromkeys(labels[i:i + nrow]))) for i in range(0, len(labels), nrow)]
+
+
+def _caption_rows(grid, captions: Sequence[str], cell: int, padding: int):
+    """The grid image with a white left margin holding one caption centred on each row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(12, min(cell // 4, 24)))
+    boxes = [font.getbbox(text) for text in captions]
+    margin = max(box[2] for box in boxes) + 3 * padding
+    out = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
+    out.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for row, (text, box) in enumerate(zip(captions, boxes)):
+        top = padding + row * (cell + padding) + (cell - (box[1] + box[3])) // 2
+        draw.text((padding, top), text, fill=(0, 0, 0), font=font)
+    return out
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int, captions: Sequence[str] | None = None,
+              min_cell: int = MIN_CELL_PX) -> Path:
+    """Write uint8 (N, H, W, 3) images as one PNG grid (atomically), `nrow` images per row.
+
+    Cells are upscaled by nearest neighbour to at least `min_cell` px; `captions` (one per row, e.g.
+    `row_labels(labels, nrow)`) are written in a left margin.
+    """
     from PIL import Image
     from torchvision.utils import make_grid
 
-    grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255)
+    images, padding = upscale_nearest(images, min_cell), 2
+    rows = math.ceil(len(images) / min(nrow, len(images)))
+    if captions is not None and len(captions) != rows:
+        raise ValueError(f"{len(captions)} captions for a grid of {rows} rows")
+    grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=padding, pad_value=255)
     image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    if captions is not None:
+        image = _caption_rows(image, captions, images.shape[1], padding)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 

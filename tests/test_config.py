@@ -10,7 +10,7 @@ from conftest import exit_code
 
 import train as train_cli
 from sit_atconv.cli import CLIParser
-from sit_atconv.config import RunConfig, config_to_dict, migrate_saved
+from sit_atconv.config import RunConfig, config_to_dict
 from sit_atconv.config_io import (
     ALIASES,
     CONFIG_DIR,
@@ -19,6 +19,7 @@ from sit_atconv.config_io import (
     config_from_args,
     config_from_dict,
     load_config,
+    migrate_saved,
     save_config,
 )
 from sit_atconv.errors import ConfigError
@@ -84,11 +85,12 @@ def test_shipped_values():
     digits = load_config("digits")
     assert digits.model.name is None  # an explicit architecture, not a modified zoo size
     assert (digits.model.depth, digits.model.hidden_size, digits.model.num_heads, digits.model.patch_size) == (
-        4, 64, 4, 2)
+        4, 96, 4, 4)
     assert (digits.model.input_size, digits.model.in_channels, digits.model.num_classes) == (16, 1, 10)
     assert (digits.data.source, digits.data.autoencoder, digits.data.image_size) == ("digits", "identity", 16)
     assert (digits.optim.lr, digits.train.global_batch_size, digits.train.ema_decay) == (2e-3, 128, 0.995)
-    assert digits.train.max_steps == 1000 and digits.model.learn_sigma is False
+    assert digits.train.max_steps == 2000 and digits.model.learn_sigma is False
+    assert (digits.optim.schedule, digits.optim.warmup_steps, digits.transport.cfg_scale) == ("cosine", 100, 1.25)
     assert digits.train.mixed_precision == "no"
     assert digits.transport.cfg_scale > 1.0
     for size in ("s", "b", "l", "xl"):
@@ -103,6 +105,7 @@ def test_shipped_values():
     assert (ffhq.model.num_classes, ffhq.model.class_dropout_prob, ffhq.train.global_batch_size) == (1, 0.0, 128)
     tiny = load_config("tiny")
     assert (tiny.model.depth, tiny.model.hidden_size, tiny.train.max_steps, tiny.log.preview_every) == (2, 32, 20, 0)
+    assert (tiny.model.patch_size, tiny.optim.schedule, tiny.transport.cfg_scale) == (2, "constant", 2.0)  # pinned
     assert parse_args([])[0] == digits  # --config defaults to digits
 
 
@@ -118,19 +121,19 @@ def test_precedence_defaults_yaml_cli(tmp_path):
     """ % (CONFIG_DIR / "digits.yaml"))
     cfg = load_config(path)
     assert cfg.model.depth == 2                     # this file
-    assert cfg.model.hidden_size == 64              # same section, inherited from base
+    assert cfg.model.hidden_size == 96              # same section, inherited from base
     assert cfg.train.ema_decay == 0.995             # other section, inherited from base
     assert cfg.optim.eps == 1e-8                    # dataclass default
     assert cfg.train.mixed_precision == "no"        # bare YAML `no` is the string, not False
     cli, _ = parse_args(["--config", str(path), "--optim.lr", "0.5", "--max-steps", "7",
                          "--model.depth", "3"])
-    assert (cli.optim.lr, cli.train.max_steps, cli.model.depth, cli.model.hidden_size) == (0.5, 7, 3, 64)
+    assert (cli.optim.lr, cli.train.max_steps, cli.model.depth, cli.model.hidden_size) == (0.5, 7, 3, 96)
     assert load_config(path, ["optim.lr=0.25"]).optim.lr == 0.25
 
 
 def test_base_by_name(tmp_path):
     cfg = load_config(write(tmp_path / "x.yaml", "base: digits\nmodel:\n  depth: 1\n"))
-    assert (cfg.model.depth, cfg.model.hidden_size) == (1, 64)
+    assert (cfg.model.depth, cfg.model.hidden_size) == (1, 96)
     with pytest.raises(ConfigError, match="did you mean 'digits'"):
         load_config(write(tmp_path / "y.yaml", "base: digit.yaml\n"))
 
@@ -207,7 +210,7 @@ def test_cli_errors_are_one_line_exit_2(argv, needle, capsys):
     ("model.name=SiT-XXL/2", "model.name: 'SiT-XXL/2' is not a zoo size SiT-"),
     ("model.patch_size=3", "model.patch_size: must be one of (2, 4, 8)"),
     ("optim.betas=0.9", "optim.betas: expected 2 comma-separated values"),
-    ("model.input_size=15", "not divisible by the patch size 2"),
+    ("model.input_size=15", "not divisible by the patch size 4"),
     ("transport.sampling_method=dopri5", "not a sde method"),
     ("model.class_dropout_prob=1", "model.class_dropout_prob: must be in [0, 1)"),
     ("model.kernel_size=4", "odd"),

@@ -202,14 +202,14 @@ class NaNAtSteps:
     def loss(self, model, batch):
         self.calls += 1
         x, y = batch
-        loss = model(x, torch.full((len(x),), 0.5), y).square().mean() + 1.0
+        loss = (model(x, torch.full((len(x),), 0.5), y) - x).square().mean()  # gradients flow from step 1
         return (loss * float("nan") if self.calls in self.bad_calls else loss), {}
 
     def preview(self, model, step, run_dir):
         return {}
 
 
-def _run_task(tmp_path, task, max_bad):
+def _run_task(tmp_path, task, max_bad, mode="step", fused=None):
     from accelerate import Accelerator
 
     from sit_atconv.build import build_dataset
@@ -218,9 +218,10 @@ def _run_task(tmp_path, task, max_bad):
     from sit_atconv.train.trackers import Tracker
 
     cfg = tiny_config(tmp_path, "guard", "train.max_steps=6", "log.ckpt_every=6", "log.log_every=6",
-                      f"train.max_bad_steps={max_bad}")
+                      f"train.max_bad_steps={max_bad}", f"train.nonfinite_check={mode}")
+    torch.manual_seed(0)
     model = build_model(cfg)
-    optimizer = build_optimizer(model, 1e-3, 0.0)
+    optimizer = build_optimizer(model, 1e-3, 0.0, fused=fused)
     state = TrainState(model, create_ema(model), optimizer, lr_schedule(optimizer, cfg))
     (tmp_path / "guard").mkdir(parents=True, exist_ok=True)
     tracker = Tracker(tmp_path / "guard", [], {})
@@ -241,3 +242,22 @@ def test_non_finite_steps_are_skipped_in_place_then_stop_the_run(tmp_path):
     reset_accelerate()
     with pytest.raises(RunError, match="3 non-finite steps in a row by step 5"):
         _run_task(tmp_path / "b", NaNAtSteps({3, 4, 5}), max_bad=2)
+
+
+def test_the_device_side_guard_skips_exactly_what_the_host_side_guard_skips(tmp_path):
+    """nonfinite_check=device (no host sync per step: the fused optimizer's found_inf, a 0/1 EMA weight,
+    counts read at log steps) ends in the same weights as the per-step host check."""
+    host = _run_task(tmp_path / "host", NaNAtSteps({2, 3}), max_bad=2, fused=True)
+    reset_accelerate()
+    device = _run_task(tmp_path / "device", NaNAtSteps({2, 3}), max_bad=2, mode="device", fused=True)
+    for a, b in [(host.model, device.model), (host.ema, device.ema)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    logs = [json.loads(line) for line in (tmp_path / "device" / "guard" / "metrics.jsonl").read_text().splitlines()]
+    assert logs[-1]["skipped_steps"] == 2 and math.isfinite(logs[-1]["loss"])
+    reset_accelerate()
+    plain = _run_task(tmp_path / "plain", NaNAtSteps(set()), max_bad=2, mode="device", fused=True)
+    assert not all(torch.equal(x, y) for x, y in zip(plain.model.parameters(), host.model.parameters()))
+    reset_accelerate()
+    with pytest.raises(RunError, match="3 non-finite steps in a row by step 6"):  # seen at the next sync point
+        _run_task(tmp_path / "stop", NaNAtSteps({3, 4, 5}), max_bad=2, mode="device", fused=True)
+    assert not list_checkpoints(tmp_path / "stop" / "guard")

@@ -25,6 +25,7 @@ from .diffusion import (
     latent_shape,
     resolve_data,
 )
+from .repa import resolve_repa
 from .runs import LoadedRun, build_network, load_run, network_section, resume_state, run_dir_for
 
 
@@ -43,4 +44,4 @@ def build_training(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[
 __all__ = ["LoadedRun", "build_autoencoder", "build_classification_task", "build_classifier", "build_dataset",
            "build_diffusion_task", "build_model", "build_network", "build_training", "build_transport",
            "classification_data", "eval_transform", "image_sampler", "latent_shape", "load_run", "network_section",
-           "resolve_data", "resume_state", "run_dir_for"]
+           "resolve_data", "resolve_repa", "resume_state", "run_dir_for"]

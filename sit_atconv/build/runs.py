@@ -16,9 +16,11 @@ from ..config import RunConfig
 from ..config_io import config_from_dict
 from ..data import Autoencoder
 from ..errors import CheckpointError, RunError
+from ..reference_models import build_reference, read_reference, reference_run_config
 from ..sampling import ImageSampler
 from .classification import build_classifier
 from .diffusion import build_autoencoder, build_model, image_sampler
+from .repa import projector_args
 
 
 def network_section(cfg: RunConfig) -> str:
@@ -88,6 +90,16 @@ def _check_same_network(cfg: RunConfig, state: dict) -> None:
         diff = sorted(k for k in ours if theirs.get(k) != ours[k])
         raise RunError(f"{path} was trained with a different {section} ({', '.join(f'{section}.' + k for k in diff)}); "
                        "use --run-name NEW_NAME for a new run or restore those settings")
+    space = ("autoencoder", "latent_scale", "latent_norm", "latent_mean", "latent_std")  # what the model's inputs are
+    changed = [k for k in space if section == "model" and getattr(cfg.data, k) != getattr(saved.data, k)]
+    if changed:
+        key = changed[0]
+        raise RunError(f"{path} was trained on other model inputs (data.{key}: {getattr(saved.data, key)} then, "
+                       f"{getattr(cfg.data, key)} now); use the run's data settings or --run-name NEW_NAME")
+    if section == "model" and projector_args(cfg) != projector_args(saved):
+        raise RunError(f"{path} was trained with a different REPA projector ({projector_args(saved) or 'none'}); "
+                       "keep repa.coeff > 0 or 0 as it was, and repa.depth / projector_dim / encoder as they were, "
+                       "or use --run-name NEW_NAME")
 
 
 @dataclass
@@ -111,11 +123,36 @@ class LoadedRun:
 
 
 def load_run(ckpt: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> LoadedRun:
-    """A checkpoint file or run folder (its latest) -> the network in eval mode (EMA weights by default)."""
-    state = load_checkpoint(ckpt)
+    """A checkpoint file or run folder (its latest) -> the network in eval mode (EMA weights by default).
+
+    A file of the reference code's SiT or REPA fork (no config) loads as the model it is, in our time
+    convention, with the run config sampling it needs (`reference_run_config`)."""
+    try:
+        state = load_checkpoint(ckpt)
+    except CheckpointError:
+        if not Path(ckpt).is_file():
+            raise
+        return _reference_run(Path(ckpt), device, use_ema)
     cfg = config_from_dict(state["config"])
-    model = build_network(cfg)
-    model.load_state_dict(state["ema" if use_ema else "model"])
+    weights = state["ema" if use_ema else "model"]
+    if cfg.train.task == "diffusion":  # REPA's projector only where the file has it (exports drop it)
+        model = build_model(cfg, projector=any(k.startswith("projectors.") for k in weights))
+    else:
+        model = build_network(cfg)
+    model.load_state_dict(weights)
     model = model.to(device).eval().requires_grad_(False)
     autoencoder = build_autoencoder(cfg, device) if cfg.train.task == "diffusion" else None
     return LoadedRun(model, cfg, int(state["step"]), Path(state["path"]), autoencoder)
+
+
+def _reference_run(path: Path, device: torch.device | str, use_ema: bool) -> LoadedRun:
+    """A reference SiT checkpoint (either fork) as a run: built by `build_reference`, one line says what."""
+    ref = read_reference(path, use_ema)
+    if not ref.is_sit:
+        raise CheckpointError(f"{path}: neither a sit_atconv training checkpoint (no config) nor a reference SiT "
+                              "checkpoint; pass a run folder, one of its checkpoints, or a SiT/REPA-fork file")
+    built = build_reference(ref)
+    print(built.summary)
+    cfg = reference_run_config(built)
+    model = built.model.to(device).eval().requires_grad_(False)
+    return LoadedRun(model, cfg, built.step, path, build_autoencoder(cfg, device))

@@ -15,24 +15,30 @@ from torch.utils.data import Dataset
 
 from .digits import DigitsDataset, digits_split, load_digits_tensors
 from .encoders import (
+    LATENT_NORMS,
     SD_VAE_ID,
     SD_VAE_SCALE,
     Autoencoder,
     AutoencoderError,
+    ChannelNorm,
     IdentityAutoencoder,
     VAEAutoencoder,
     load_autoencoder,
 )
 from .images import ImageFolderDataset, center_crop_arr
-from .latents import LatentDataset
+from .latents import LatentDataset, StoredFeatures, latent_statistics, stored_features
+from .vision_encoder import VisionEncoder, VisionEncoderError, load_vision_encoder
 
-__all__ = ["SD_VAE_ID", "SD_VAE_SCALE", "Autoencoder", "AutoencoderError", "DigitsDataset", "IdentityAutoencoder",
-           "ImageFolderDataset", "LatentDataset", "MirroredByIndex", "SeededItems", "Unconditional", "VAEAutoencoder",
-           "center_crop_arr", "digits_split", "load_autoencoder", "load_digits_tensors"]
+__all__ = ["LATENT_NORMS", "SD_VAE_ID", "SD_VAE_SCALE", "Autoencoder", "AutoencoderError", "ChannelNorm",
+           "DigitsDataset", "IdentityAutoencoder", "ImageFolderDataset", "LatentDataset", "MirroredByIndex",
+           "SeededItems", "StoredFeatures", "Unconditional", "VAEAutoencoder", "VisionEncoder", "VisionEncoderError",
+           "center_crop_arr", "digits_split", "latent_statistics", "load_autoencoder", "load_digits_tensors",
+           "load_vision_encoder", "stored_features"]
 
 
 class Unconditional(Dataset):
-    """Wraps a dataset so every label is 0 (num_classes 1), e.g. FFHQ stored in numbered subfolders."""
+    """Wraps a dataset so every label is 0 (num_classes 1), e.g. FFHQ stored in numbered subfolders; items
+    beyond (input, label), such as stored encoder features, pass through."""
 
     num_classes = 1
 
@@ -46,11 +52,12 @@ class Unconditional(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         return self.load(index, False)
 
-    def load(self, index: int, flip: bool) -> tuple[torch.Tensor, int]:
-        return self.dataset.load(index, flip)[0], 0
+    def load(self, index: int, flip: bool) -> tuple:
+        item = self.dataset.load(index, flip)
+        return (item[0], 0, *item[2:])
 
 
 class MirroredByIndex(Dataset):
@@ -66,7 +73,7 @@ class MirroredByIndex(Dataset):
     def __len__(self) -> int:
         return 2 * len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         n = len(self.dataset)
         return self.dataset.load(index % n, index >= n)
 

@@ -68,6 +68,7 @@ class DigitsFeatures:
                                   "python -m sit_atconv.evaluation.train_digits_classifier")
         self.model = build_classifier()
         self.model.load_state_dict(load_tensors(path))
+        self.weights = path
         self.device = torch.device(device)
         self.model.to(self.device).eval().requires_grad_(False)
 

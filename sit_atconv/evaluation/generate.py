@@ -74,12 +74,15 @@ def run_on_main(state: PartialState, fn: Callable[[], Any]) -> Any:
 
 
 def make_manifest(checkpoint: str | Path | None, step: int, num_classes: int, opts: SamplingOptions,
-                  num_samples: int, seed: int, shard_size: int, use_ema: bool = True) -> dict:
-    """What defines the sample set (`opts` resolved); a restart must match it exactly."""
-    return {"format": MANIFEST_FORMAT, "checkpoint": checkpoint and str(Path(checkpoint).resolve()),
-            "step": int(step), "ema": use_ema, "num_samples": int(num_samples), "seed": int(seed),
-            "shard_size": int(shard_size), "num_classes": num_classes, "labels": LABEL_RULE,
-            "options": _jsonable(asdict(opts))}
+                  num_samples: int, seed: int, shard_size: int, use_ema: bool = True,
+                  image_size: int | None = None) -> dict:
+    """What defines the sample set (`opts` resolved); a restart must match it exactly. `image_size`: the
+    pixel side of a set drawn at another size than the trained one (absent for the trained size)."""
+    manifest = {"format": MANIFEST_FORMAT, "checkpoint": checkpoint and str(Path(checkpoint).resolve()),
+                "step": int(step), "ema": use_ema, "num_samples": int(num_samples), "seed": int(seed),
+                "shard_size": int(shard_size), "num_classes": num_classes, "labels": LABEL_RULE,
+                "options": _jsonable(asdict(opts))}
+    return manifest if image_size is None else {**manifest, "image_size": int(image_size)}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -120,18 +123,23 @@ def _write_shard(path: Path, images: torch.Tensor, labels: torch.Tensor, indices
 def generate_samples(sampler: ImageSampler, opts: SamplingOptions, out_dir: str | Path, *,
                      num_samples: int, seed: int = 0, checkpoint: str | Path | None = None, step: int = 0,
                      use_ema: bool = True, batch_size: int = 64, shard_size: int | None = None,
-                     png: bool = False, state: PartialState | None = None, show_progress: bool = True
-                     ) -> Path:
+                     png: bool = False, state: PartialState | None = None, show_progress: bool = True,
+                     image_size: int | None = None) -> Path:
     """Draw the missing shards on all processes, then assemble `out_dir/samples.npz` (returned everywhere).
 
     `opts` must be resolved (`SamplingOptions.resolved`); `sampler.model` lives on `state.device`.
+    `image_size`: set when `sampler` draws at another size than the trained one (`ImageSampler.at_image_size`),
+    recorded in the manifest.
     """
     if num_samples < 1:
         raise GenerationError(f"--num-samples must be positive; got {num_samples}.")
+    if image_size is not None and image_size != sampler.image_size:
+        raise GenerationError(f"image_size {image_size} but the sampler draws {sampler.image_size} px images.")
     state = state or process_state()
     out_dir = Path(out_dir)
     shard_size = shard_size or default_shard_size(num_samples)
-    manifest = make_manifest(checkpoint, step, sampler.num_classes, opts, num_samples, seed, shard_size, use_ema)
+    manifest = make_manifest(checkpoint, step, sampler.num_classes, opts, num_samples, seed, shard_size, use_ema,
+                             image_size)
     pending = run_on_main(state, lambda: _prepare(out_dir, manifest))
     mine = pending[state.process_index::state.num_processes]
     todo = sum(min(shard_size, num_samples - k * shard_size) for k in mine)

@@ -29,7 +29,18 @@ from .depthwise import IMPLS, DepthwiseImpl, dynamic_depthwise_conv
 
 Layout = Literal["image", "tokens"]
 KernelPool = Literal["sequence", "grid"]
-_ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+KernelAct = Literal["gelu", "gelu_tanh", "silu"]
+KERNEL_ACTS: tuple[str, ...] = ("gelu", "gelu_tanh", "silu")  # AttNet; SiT fork and ours; REPA fork
+_GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def kernel_activation(x: Tensor, act: str) -> Tensor:
+    """The nonlinearity on pooled kernel features: exact GELU, tanh-approximate GELU, or SiLU."""
+    if act == "silu":
+        return F.silu(x)
+    if act not in _GELU_APPROXIMATE:
+        raise ValueError(f"kernel activation {act!r} is not supported; use one of {KERNEL_ACTS}.")
+    return F.gelu(x, approximate=_GELU_APPROXIMATE[act])
 
 
 def _adaptive_bins(length: int, bins: int, device: torch.device | None) -> tuple[Tensor, Tensor]:
@@ -91,13 +102,14 @@ def pool_features(features: Tensor, kernel_size: int, mode: KernelPool = "sequen
     return pooled.flatten(2)
 
 
-def generate_kernels(pooled: Tensor, gen_weight: Tensor, gen_bias: Tensor | None, approximate: str,
+def generate_kernels(pooled: Tensor, gen_weight: Tensor, gen_bias: Tensor | None, act: str,
                      tap_dim: int = -1) -> Tensor:
     """Adaptive routing, SPEC §1.1: act(pooled projection) -> shared Linear(k^2, k^2) over the taps.
 
-    Taps along `tap_dim`: -1 for (B, C, k^2); 1 for (B, k^2, C), the token layout's own order.
+    `act` names the nonlinearity (`KERNEL_ACTS`). Taps along `tap_dim`: -1 for (B, C, k^2); 1 for
+    (B, k^2, C), the token layout's own order.
     """
-    act = F.gelu(pooled, approximate=approximate)
+    act = kernel_activation(pooled, act)
     if tap_dim in (-1, act.dim() - 1):
         return F.linear(act, gen_weight, gen_bias)
     out = torch.matmul(gen_weight.to(act.dtype), act)                     # (k^2, k^2) @ (B, k^2, C)
@@ -187,8 +199,10 @@ class ATConv(nn.Module):
         dim: channels C.
         kernel_size: k (3 in the paper).
         layout: "image" (B, C, H, W; 1x1 Conv2d projections) or "tokens" (B, N, C; Linear).
-        grid_size: (H, W) of the token grid — required for the tokens layout.
-        act: "gelu" (exact, AttNet) or "gelu_tanh" (SiT) applied to the pooled kernels.
+        grid_size: (H, W) of the token grid — required for the tokens layout; `forward(x, grid_size)` runs
+            the same module on another grid.
+        act: the nonlinearity on the pooled kernels: "gelu" (exact, AttNet), "gelu_tanh" (SiT fork and
+            ours) or "silu" (the REPA fork's SiT).
         kernel_pool: "sequence" (paper: raster stripes) or "grid" (k x k spatial cells).
         impl: depthwise-conv implementation (`depthwise.py`): "auto" (per-sample custom-backward conv
             in eager on CPU, grouped conv on tiny maps and in eager on GPUs, fused shift-and-add while
@@ -206,8 +220,8 @@ class ATConv(nn.Module):
         super().__init__()
         if layout not in ("image", "tokens"):
             raise ValueError(f"layout={layout!r} is not supported; use 'image' or 'tokens'.")
-        if act not in _ACTIVATIONS:
-            raise ValueError(f"act={act!r} is not supported; use one of {sorted(_ACTIVATIONS)}.")
+        if act not in KERNEL_ACTS:
+            raise ValueError(f"act={act!r} is not supported; use one of {KERNEL_ACTS}.")
         if kernel_pool not in ("sequence", "grid"):
             raise ValueError(f"kernel_pool={kernel_pool!r} is not supported; use 'sequence' or 'grid'.")
         if impl not in IMPLS:
@@ -219,7 +233,8 @@ class ATConv(nn.Module):
         self.dim, self.kernel_size, self.layout, self.kernel_pool = dim, kernel_size, layout, kernel_pool
         self.impl = impl
         self.grid_size = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
-        self.approximate = _ACTIVATIONS[act]
+        self.act = act
+        self.approximate = _GELU_APPROXIMATE.get(act)  # GELU variants only (paper-order oracles read it)
         k2 = kernel_size * kernel_size
 
         def projection() -> nn.Module:
@@ -232,29 +247,61 @@ class ATConv(nn.Module):
         self.difference_control = nn.Parameter(torch.zeros(dim))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, kernel_size={self.kernel_size}, layout={self.layout}, " \
+        return f"dim={self.dim}, kernel_size={self.kernel_size}, layout={self.layout}, act={self.act}, " \
                f"kernel_pool={self.kernel_pool}, grid_size={self.grid_size}, impl={self.impl}"
 
     def _kernels(self, pooled: Tensor, tap_dim: int) -> Tensor:
         """Projected, pooled features (taps along tap_dim) -> inhibited kernels, a (B, C, k, k) view."""
-        kernels = generate_kernels(pooled, self.kernel_gen.weight, self.kernel_gen.bias, self.approximate, tap_dim)
+        kernels = generate_kernels(pooled, self.kernel_gen.weight, self.kernel_gen.bias, self.act, tap_dim)
         kernels = lateral_inhibition(kernels, self.difference_control, tap_dim)
         return kernels.movedim(tap_dim, -1).unflatten(-1, (self.kernel_size, self.kernel_size))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._forward_tokens(x) if self.layout == "tokens" else self._forward_image(x)
+    def forward(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
+        """x: (B, C, H, W) or, tokens layout, (B, N, C) on `grid_size` (default: the grid built for).
 
-    def _forward_image(self, x: Tensor) -> Tensor:
+        No parameter depends on the grid, so one module runs on any token grid (resolution transfer).
+        """
+        if self.layout == "tokens":
+            return self._forward_tokens(x, grid_size)
+        return self._forward_image(self._image_input(x, grid_size))
+
+    @torch.no_grad()
+    def kernels(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
+        """The per-sample depthwise kernels `forward(x, grid_size)` convolves with, (B, C, k, k): pooled,
+        projected, generated and inhibited by the same functions as the forward (for pictures and tests)."""
+        if self.layout == "image":
+            return self._image_kernels(self._image_input(x, grid_size))
+        h, w = self._token_grid(x, grid_size)
+        grid = x.reshape(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
+        pooled = pool_features(grid, self.kernel_size, self.kernel_pool).transpose(1, 2)   # (B, k^2, C)
+        return self._kernels(self.kernel_proj(pooled), tap_dim=1)
+
+    @staticmethod
+    def _image_input(x: Tensor, grid_size: tuple[int, int] | None) -> Tensor:
+        if grid_size is not None:
+            raise ValueError("grid_size applies to the tokens layout; (B, C, H, W) inputs carry their own grid.")
+        return x
+
+    def _image_kernels(self, x: Tensor) -> Tensor:
         pooled = pool_features(x, self.kernel_size, self.kernel_pool)        # pool first: (B, C, k^2)
         pooled = F.conv1d(pooled, self.kernel_proj.weight.flatten(2), self.kernel_proj.bias)
-        values = self.x_proj(x)
-        return self.proj(dynamic_depthwise_conv(values, self._kernels(pooled, tap_dim=-1), self.impl))
+        return self._kernels(pooled, tap_dim=-1)
 
-    def _forward_tokens(self, x: Tensor) -> Tensor:
+    def _forward_image(self, x: Tensor) -> Tensor:
+        values = self.x_proj(x)
+        return self.proj(dynamic_depthwise_conv(values, self._image_kernels(x), self.impl))
+
+    def _token_grid(self, x: Tensor, grid_size: tuple[int, int] | None) -> tuple[int, int]:
+        """(H, W) of a (B, N, C) token tensor: `grid_size`, else the grid the module was built for."""
+        h, w = self.grid_size if grid_size is None else grid_size
+        if x.shape[1] != h * w:
+            raise ValueError(f"ATConv expected {h}x{w}={h * w} tokens, got {x.shape[1]}; pass the token grid "
+                             "as grid_size.")
+        return h, w
+
+    def _forward_tokens(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
         b, n, c = x.shape
-        h, w = self.grid_size
-        if n != h * w:
-            raise ValueError(f"ATConv expected {h}x{w}={h * w} tokens, got {n}; set grid_size to the token grid.")
+        h, w = self._token_grid(x, grid_size)
         # pool first, and x_proj, with one fused input gradient (also under torch.compile, which keeps
         # the GEMMs as library calls and so could not fuse the gradient sum itself)
         pooled, values = _PoolAndProject.apply(x, self.x_proj.weight, self.x_proj.bias, (h, w),

@@ -1,4 +1,5 @@
-"""The training loop: Accelerate, AdamW + schedule, EMA, checkpoints, metrics, previews — for any task.
+"""The training loop: Accelerate, AdamW + schedule, EMA (and post-hoc EMA snapshots), checkpoints, metrics,
+previews — for any task.
 
 The loop knows nothing of diffusion: a task (`sit_atconv.tasks.Task`) turns a batch into a loss and may
 preview the EMA model (sample grids, held-out accuracy). Resume is "rerun the same command": the data
@@ -24,8 +25,10 @@ from ..config import RunConfig
 from ..errors import RunError
 from ..seeding import TRAIN_STEP, derive_seed
 from .data_order import ResumableBatchSampler
-from .ema import update_ema
-from .guards import StepGuard, StopSignals, finite_weights
+from .ema import PowerFunctionEMA, update_ema
+from .guards import StepGuard, StopSignals, check_on_device, finite_weights
+from .phema_snapshots import save_snapshots
+from .plots import plot_training
 from .trackers import Tracker
 
 
@@ -48,14 +51,17 @@ class LoopSettings:
     repeats: int = 1
     stop_signal: str | None = None
     max_bad_steps: int = 0
+    phema_every: int = 0  # steps between post-hoc EMA snapshots (when the state tracks profiles)
+    guard_on_device: bool = False  # the non-finite guard acts on the device (see StepGuard)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> LoopSettings:
+    def from_config(cls, cfg: RunConfig, device: torch.device | str = "cpu") -> LoopSettings:
         t, lg = cfg.train, cfg.log
         return cls(t.max_steps, t.global_batch_size, t.ema_decay, cfg.optim.grad_clip, t.compile, t.seed,
                    cfg.data.num_workers, lg.log_every, lg.ckpt_every, lg.preview_every, lg.keep_last,
                    lg.keep_every or 0, cfg.augment.repeats if t.task == "classification" else 1, t.stop_signal,
-                   t.max_bad_steps)
+                   t.max_bad_steps, t.phema_every,
+                   check_on_device(t.nonfinite_check, torch.device(device), t.mixed_precision))
 
 
 @dataclass
@@ -67,10 +73,12 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step: int = 0
+    phema: PowerFunctionEMA | None = None  # post-hoc EMA profiles, when tracked
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                **({"phema": self.phema.state_dict()} if self.phema else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -78,27 +86,35 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        if self.phema:
+            self.phema.load_state_dict(state["phema"])
 
 
 class _Meter:
-    """Running sums of the loss and task metrics since the last log, kept on device (no per-step sync)."""
+    """Running sums of the loss and task metrics since the last log, kept on device (no per-step sync).
+
+    `ok` (the device-side guard's 0/1 flag) leaves a skipped step out of the means; throughput counts it.
+    """
 
     def __init__(self, device: torch.device):
         self.device, self.sums, self.count, self.tick = device, {}, 0, time.perf_counter()
+        self.good = torch.zeros((), device=device)
 
-    def add(self, loss: torch.Tensor, extra: dict[str, torch.Tensor]) -> None:
+    def add(self, loss: torch.Tensor, extra: dict[str, torch.Tensor], ok: torch.Tensor | None = None) -> None:
         for key, value in {"loss": loss, **extra}.items():
             if key not in self.sums:
                 self.sums[key] = torch.zeros((), device=self.device)
-            self.sums[key] += value.detach()
+            value = value.detach()
+            self.sums[key] += value if ok is None else torch.where(ok > 0, value, 0.0)
+        self.good += 1.0 if ok is None else ok
         self.count += 1
 
     def flush(self, accelerator: Accelerator, global_batch: int) -> dict[str, float]:
-        """Means over steps and processes, plus throughput; resets the sums."""
-        elapsed = time.perf_counter() - self.tick
-        out = {k: accelerator.reduce(v / self.count, "mean").item() for k, v in self.sums.items()}
+        """Means over good steps and processes (none when every step was skipped), plus throughput; resets."""
+        elapsed, good = time.perf_counter() - self.tick, self.good.item()
+        out = {k: accelerator.reduce(v / good, "mean").item() for k, v in self.sums.items()} if good else {}
         out.update(steps_per_sec=self.count / elapsed, images_per_sec=self.count * global_batch / elapsed)
-        for v in self.sums.values():
+        for v in [*self.sums.values(), self.good]:
             v.zero_()
         self.count, self.tick = 0, time.perf_counter()
         return out
@@ -126,11 +142,12 @@ def _log_preview(tracker: Tracker, preview: dict[str, float | Path], step: int) 
     for key, value in preview.items():
         if isinstance(value, Path):
             tracker.log_image(key, value, step)
+    plot_training(tracker.run_dir)  # RUN/training.png: loss and images/s so far
 
 
 def _checkpoint(state: TrainState, run_dir: Path, s: LoopSettings, record: dict, accelerator: Accelerator) -> None:
     """Save the state at `state.step` (main process), never with non-finite weights (checked everywhere)."""
-    if not (finite_weights(state.model) and finite_weights(state.ema)):
+    if not all(finite_weights(m) for m in [state.model, state.ema, *(state.phema.profiles if state.phema else [])]):
         raise RunError(f"weights became non-finite by step {state.step}; no checkpoint written, the earlier ones "
                        "are kept; lower --optim.lr or set --optim.grad_clip, then rerun to continue from them")
     if accelerator.is_main_process:
@@ -151,7 +168,7 @@ def training_loop(task, state: TrainState, dataset: Dataset, accelerator: Accele
     bar = tqdm(range(state.step, s.max_steps), initial=state.step, total=s.max_steps, desc="train",
                unit="step", disable=not main, dynamic_ncols=True)
     with StopSignals(s.stop_signal) as stop:
-        guard = StepGuard(stop, s.max_bad_steps)
+        guard = StepGuard(stop, s.max_bad_steps, s.guard_on_device, device)
         for step in bar:
             torch.manual_seed(derive_seed(TRAIN_STEP, s.seed, step, accelerator.process_index))  # this step's draws
             batch = task.prepare(_to_device(next(batches), device))
@@ -159,20 +176,31 @@ def training_loop(task, state: TrainState, dataset: Dataset, accelerator: Accele
                 loss, extra = task.loss(step_model, batch)
             accelerator.backward(loss)
             norm = accelerator.clip_grad_norm_(state.model.parameters(), s.grad_clip) if s.grad_clip else None
-            stopping, skip = guard.check(loss, norm, accelerator, step)
+            stopping, skip, ok = guard.check(loss, norm, accelerator, step)
             if not skip:
+                if ok is not None:  # the fused kernel skips the whole update (step counts included) when set
+                    getattr(state.optimizer, "optimizer", state.optimizer).found_inf = 1 - ok
                 state.optimizer.step()
-                update_ema(state.ema, state.model, s.ema_decay)
-                meter.add(loss, extra)
+                update_ema(state.ema, state.model, s.ema_decay, ok)
+                if state.phema:
+                    state.phema.update(state.model, step + 1, ok)
+                meter.add(loss, extra, ok)
             state.scheduler.step()  # the schedule follows the step count, skipped steps included
             state.optimizer.zero_grad(set_to_none=True)
             state.step = done = step + 1
             last = done == s.max_steps
+            if done % s.log_every == 0 or done % s.ckpt_every == 0 or last or stopping:
+                guard.sync(done)  # device-side counts read here, before any log or checkpoint
             if (done % s.log_every == 0 or last or stopping) and meter.count:
                 metrics = {**meter.flush(accelerator, s.global_batch_size), "lr": state.scheduler.get_last_lr()[0],
                            **({"skipped_steps": guard.skipped} if guard.skipped else {})}
                 tracker.log(metrics, done)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                img_s=f"{metrics['images_per_sec']:.0f}")
+            if state.phema and (done % s.phema_every == 0 or last):
+                if main:
+                    save_snapshots(run_dir, done, state.phema, config_record)
+                accelerator.wait_for_everyone()
             if done % s.ckpt_every == 0 or last or stopping:
                 _checkpoint(state, run_dir, s, config_record, accelerator)
             if stopping:
@@ -182,5 +210,6 @@ def training_loop(task, state: TrainState, dataset: Dataset, accelerator: Accele
                 if main:
                     _log_preview(tracker, task.preview(state.ema, done, run_dir), done)
                 accelerator.wait_for_everyone()
+                meter.tick = time.perf_counter()  # throughput measures training, not previews
     bar.close()
     return None

@@ -22,11 +22,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over `param_groups`, fused when every parameter lives on CUDA."""
+                    eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; fused when every parameter lives on CUDA, or when asked (the device-side
+    non-finite guard skips updates through the fused kernel's `found_inf`)."""
     on_cuda = all(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
-                             fused=True if on_cuda else None)
+                             fused=True if (on_cuda or fused) else None)
 
 
 def scaled_lr(cfg) -> float:

@@ -8,11 +8,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from ..build import build_training, network_section, resolve_data, resume_state, run_dir_for
+from ..build import build_training, network_section, resolve_data, resolve_repa, resume_state, run_dir_for
 from ..config import RunConfig, config_to_dict
 from ..config_io import save_config
 from ..errors import RunError
-from .ema import create_ema
+from .ema import PowerFunctionEMA, create_ema
 from .guards import RunLock
 from .loop import LoopSettings, TrainState, training_loop
 from .optim import apply_settings, build_optimizer, lr_schedule, scaled_lr
@@ -56,13 +56,16 @@ def _lock(run_dir: Path, accelerator: Accelerator) -> RunLock:
     return lock
 
 
-def _state(cfg: RunConfig, model, resumed: dict | None, log) -> TrainState:
+def _state(cfg: RunConfig, model, resumed: dict | None, log, fused: bool = False) -> TrainState:
     """Model, EMA, optimizer and schedule, restored from `resumed`; the optimizer follows today's config
     (changed settings are applied and said, never silently kept from the checkpoint)."""
     o = cfg.optim
-    optimizer = build_optimizer(model, scaled_lr(cfg), o.weight_decay, o.betas, o.eps)
-    state = TrainState(model, create_ema(model), optimizer, lr_schedule(optimizer, cfg))
+    optimizer = build_optimizer(model, scaled_lr(cfg), o.weight_decay, o.betas, o.eps, fused=fused)
+    rels = cfg.train.phema_sigma_rels
+    state = TrainState(model, create_ema(model), optimizer, lr_schedule(optimizer, cfg),
+                       phema=PowerFunctionEMA(model, rels) if rels else None)
     if resumed is not None:
+        _check_same_phema(resumed, rels)
         state.load_state_dict(resumed)
         apply_settings(state.optimizer, state.scheduler, cfg)
         old, new = resumed["config"], config_to_dict(cfg)
@@ -73,9 +76,18 @@ def _state(cfg: RunConfig, model, resumed: dict | None, log) -> TrainState:
     return state
 
 
+def _check_same_phema(resumed: dict, sigma_rels: list[float]) -> None:
+    """Post-hoc EMA profiles average from step 1: their widths can neither change nor start mid-run."""
+    saved = list(resumed["config"].get("train", {}).get("phema_sigma_rels") or [])
+    if saved != list(sigma_rels):
+        raise RunError(f"train.phema_sigma_rels: {resumed['path'].name} tracks {saved or 'none'}, asked "
+                       f"{list(sigma_rels) or 'none'}; the profiles average from step 1, so keep the run's widths "
+                       "or start a new run with --run-name NEW_NAME")
+
+
 def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
     """Train (or continue) the run `cfg` describes; returns its folder. One writer per folder (RUN/.lock)."""
-    cfg = resolve_data(cfg)
+    cfg = resolve_repa(resolve_data(cfg))  # what the store and encoder imply, recorded in the run
     accelerator = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
     _enable_tf32(accelerator)
     if cfg.train.global_batch_size % accelerator.num_processes:
@@ -94,7 +106,8 @@ def _train_locked(cfg: RunConfig, accelerator: Accelerator, run_dir: Path) -> No
     resumed = resume_state(cfg, run_dir, log=accelerator.print)
     torch.manual_seed(cfg.train.seed)
     model, dataset, task = build_training(cfg, accelerator.device)
-    state = _state(cfg, model, resumed, accelerator.print)
+    settings = LoopSettings.from_config(cfg, accelerator.device)
+    state = _state(cfg, model, resumed, accelerator.print, fused=settings.guard_on_device)
     start_step = state.step
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
@@ -106,7 +119,7 @@ def _train_locked(cfg: RunConfig, accelerator: Accelerator, run_dir: Path) -> No
     tracker = Tracker(run_dir, cfg.log.trackers, record, cfg.log.wandb_project, cfg.log.run_name,
                       enabled=accelerator.is_main_process, resume_step=start_step if resumed else None)
     try:
-        stopped = training_loop(task, state, dataset, accelerator, run_dir, LoopSettings.from_config(cfg), tracker,
+        stopped = training_loop(task, state, dataset, accelerator, run_dir, settings, tracker,
                                 record)
     finally:
         tracker.close()

@@ -1,4 +1,4 @@
-"""Interpolant transport (SiT): paths, training objective, ODE/SDE samplers, classifier-free guidance.
+"""Interpolant transport (SiT): paths, training objective and time distribution, ODE/SDE samplers, CFG.
 
 Convention: t = 0 is noise, t = 1 is data, x_t = alpha(t) x_data + sigma(t) noise.
 """
@@ -18,6 +18,7 @@ from .solvers import (
     integrate_ode,
     integrate_sde,
 )
+from .timesteps import TIME_SAMPLINGS, TimeSampling, shift_time, unshift_time
 
 __all__ = [
     "ADAPTIVE_ODE_METHODS",
@@ -34,6 +35,8 @@ __all__ = [
     "Path",
     "SDE_METHODS",
     "Sampler",
+    "TIME_SAMPLINGS",
+    "TimeSampling",
     "Transport",
     "VPPath",
     "cfg_combine",
@@ -43,4 +46,6 @@ __all__ = [
     "expand_t",
     "integrate_ode",
     "integrate_sde",
+    "shift_time",
+    "unshift_time",
 ]

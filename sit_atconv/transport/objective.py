@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .paths import PATHS, Path, expand_t
+from .timesteps import TimeSampling
 
 PREDICTIONS = ("velocity", "score", "noise")
 LOSS_WEIGHTS = (None, "velocity", "likelihood")
@@ -69,6 +70,7 @@ class Transport:
         loss_weight: str | None,
         train_eps: float,
         sample_eps: float,
+        time_sampling: TimeSampling | None = None,
     ):
         self.path_type = check_choice("path_type", path_type, PATHS)
         self.prediction = check_choice("prediction", prediction, PREDICTIONS)
@@ -78,11 +80,13 @@ class Transport:
         self.path: Path = PATHS[path_type]()
         self.train_eps = train_eps
         self.sample_eps = sample_eps
+        self.time_sampling = time_sampling or TimeSampling()
 
     def __repr__(self) -> str:
         return (
             f"Transport(path_type={self.path_type!r}, prediction={self.prediction!r}, "
-            f"loss_weight={self.loss_weight!r}, train_eps={self.train_eps}, sample_eps={self.sample_eps})"
+            f"loss_weight={self.loss_weight!r}, train_eps={self.train_eps}, sample_eps={self.sample_eps}, "
+            f"time_sampling={self.time_sampling})"
         )
 
     def interval(
@@ -148,14 +152,15 @@ class Transport:
     ) -> dict[str, Tensor]:
         """Per-sample interpolant loss for data x1 (SiT eq. 4-6): {"loss": (B,), "pred": model output}.
 
-        Draws t ~ U[t0, t1] (B,) and noise ~ N(0, I); calls model(x_t, t, **model_kwargs). The model
+        Draws noise ~ N(0, I), then t (B,) on [t0, t1] from `time_sampling` (default U[t0, t1], SiT's
+        draw; see `timesteps`); calls model(x_t, t, **model_kwargs). The model
         output's first C channels are the prediction (a learn_sigma model's extra channels are ignored).
         Targets: velocity u_t = alpha' x1 + sigma' noise; noise; score = -noise / sigma (its loss is
         |sigma * pred + noise|^2, as SiT).
         """
         t0, t1 = self.interval(train=True)
         noise = torch.randn_like(x1)
-        t = torch.rand(x1.shape[0], device=x1.device, dtype=x1.dtype) * (t1 - t0) + t0
+        t = self.time_sampling.sample(x1.shape[0], low=t0, high=t1, device=x1.device, dtype=x1.dtype)
         tb = expand_t(t, x1)
         xt, ut = self.path.interpolate(tb, noise, x1)
         pred = self.model_output(model, xt, t, model_kwargs or {})
@@ -180,8 +185,16 @@ def create_transport(
     loss_weight: str | None = None,
     train_eps: float | None = None,
     sample_eps: float | None = None,
+    *,
+    time_sampling: str = "uniform",
+    time_mean: float = 0.0,
+    time_std: float = 1.0,
+    time_shift: float = 1.0,
 ) -> Transport:
-    """Build a Transport with SiT's argument names and defaults (see `default_eps`)."""
+    """Build a Transport with SiT's argument names and defaults (see `default_eps`).
+
+    time_*: the training-time distribution (`TimeSampling`; uniform with shift 1 is SiT's).
+    """
     check_choice("path_type", path_type, PATHS)
     check_choice("prediction", prediction, PREDICTIONS)
     train_eps, sample_eps = default_eps(path_type, prediction, train_eps, sample_eps)
@@ -191,4 +204,5 @@ def create_transport(
         loss_weight=loss_weight,
         train_eps=train_eps,
         sample_eps=sample_eps,
+        time_sampling=TimeSampling(time_sampling, time_mean, time_std, time_shift),
     )
