@@ -89,7 +89,7 @@ def test_shipped_values():
     assert (digits.model.input_size, digits.model.in_channels, digits.model.num_classes) == (16, 1, 10)
     assert (digits.data.source, digits.data.autoencoder, digits.data.image_size) == ("digits", "identity", 16)
     assert (digits.optim.lr, digits.train.global_batch_size, digits.train.ema_decay) == (2e-3, 128, 0.995)
-    assert digits.train.max_steps == 2000 and digits.model.learn_sigma is False
+    assert digits.train.max_steps == 1800 and digits.model.learn_sigma is False
     assert (digits.optim.schedule, digits.optim.warmup_steps, digits.transport.cfg_scale) == ("cosine", 100, 1.25)
     assert digits.train.mixed_precision == "no"
     assert digits.transport.cfg_scale > 1.0
