@@ -30,10 +30,10 @@ class ReferenceATConv(nn.Module):
             raise ValueError("ReferenceATConv mirrors the reference's SiT mixer: tokens layout, sequence pooling.")
         self.inner = inner
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
         m, k = self.inner, self.inner.kernel_size
         b, n, c = x.shape
-        h, w = m.grid_size
+        h, w = grid_size or m.grid_size
         kernels = F.adaptive_avg_pool1d(m.kernel_proj(x).permute(0, 2, 1), k * k)       # project, then pool
         kernels = m.kernel_gen(F.gelu(kernels, approximate=m.approximate)).reshape(b, c, k, k)
         factor = torch.sigmoid(m.difference_control).view(1, -1, 1, 1)

@@ -64,7 +64,7 @@ def test_lateral_inhibition_starts_at_half_the_mean():
 
 @pytest.mark.parametrize("layout", ["image", "tokens"])
 @pytest.mark.parametrize("kernel_pool", ["sequence", "grid"])
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
 def test_atconv_matches_reference_forward_and_backward(layout, kernel_pool, act):
     torch.manual_seed(1)
     h, w, c = 5, 7, 12

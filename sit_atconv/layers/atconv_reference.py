@@ -56,8 +56,8 @@ def atconv_reference(module: ATConv, x: Tensor, conv: str = "loop") -> Tensor:
         pooled = _stripe_pool(g.reshape(b, c, h * w), k * k)
     else:
         pooled = F.adaptive_avg_pool2d(g, k).reshape(b, c, k * k)
-    kernels = F.linear(F.gelu(pooled, approximate=module.approximate), module.kernel_gen.weight,
-                       module.kernel_gen.bias).reshape(b, c, k, k)
+    activated = F.silu(pooled) if module.act == "silu" else F.gelu(pooled, approximate=module.approximate)
+    kernels = F.linear(activated, module.kernel_gen.weight, module.kernel_gen.bias).reshape(b, c, k, k)
     factor = torch.sigmoid(module.difference_control).view(1, c, 1, 1)
     kernels = kernels - factor * kernels.mean(dim=(2, 3), keepdim=True)
     values = project(module.x_proj, image)
