@@ -75,3 +75,26 @@ def trained_run(tmp_path_factory) -> Path:
     out = train(cfg)
     reset_accelerate()
     return out
+
+
+def fake_state(rank: int = 0, world: int = 1):
+    """The parts of accelerate.PartialState that extraction uses, for one rank of a sequential 'world'."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
+                           is_local_main_process=rank == 0, device=torch.device("cpu"),
+                           wait_for_everyone=lambda: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> str:
+    """A small random diffusers AutoencoderKL (8x downsampling, 4 latent channels) saved to a folder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=32)
+    folder = tmp_path_factory.mktemp("tiny_vae")
+    vae.save_pretrained(folder)
+    return str(folder)

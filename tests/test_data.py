@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import exit_code
+from conftest import exit_code, fake_state
 from PIL import Image
 
 from sit_atconv.build import build_autoencoder, build_dataset, resolve_data
@@ -42,26 +41,6 @@ def run_config(model: dict | None = None, **data) -> RunConfig:
 def save_png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
-
-
-def fake_state(rank=0, world=1):
-    """The parts of accelerate.PartialState that extraction uses, for one rank of a sequential 'world'."""
-    return SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
-                           is_local_main_process=rank == 0, device=torch.device("cpu"),
-                           wait_for_everyone=lambda: None)
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=32)
-    folder = tmp_path_factory.mktemp("tiny_vae")
-    vae.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

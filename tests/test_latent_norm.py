@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate, tiny_config
+from conftest import fake_state, reset_accelerate, tiny_config
 from PIL import Image
 
 from sit_atconv.build import build_autoencoder, build_dataset, load_run, resolve_data
@@ -22,26 +21,6 @@ from sit_atconv.errors import ConfigError, DataError
 
 STORE_OVERRIDES = ("data.source=latents", "data.autoencoder=none", "model.input_size=4", "model.in_channels=4",
                    "model.num_classes=2")
-
-
-def fake_state(rank=0, world=1):
-    """The parts of accelerate.PartialState that extraction uses, for one rank of a sequential 'world'."""
-    return SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
-                           is_local_main_process=rank == 0, device=torch.device("cpu"),
-                           wait_for_everyone=lambda: None)
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=32)
-    folder = tmp_path_factory.mktemp("tiny_vae")
-    vae.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import debug_launcher
-from conftest import reset_accelerate, tiny_config
+from conftest import fake_state, reset_accelerate, tiny_config
 
 from sit_atconv.build import build_model, load_run, resolve_repa
 from sit_atconv.checkpoint import EXPORT_KEYS, load_checkpoint, save_export
@@ -147,8 +147,6 @@ def test_two_ranks_with_repa_stay_identical(tmp_path):
 
 
 def test_stored_features_train_without_the_encoder(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
     import numpy as np
     from PIL import Image
 
@@ -162,10 +160,8 @@ def test_stored_features_train_without_the_encoder(tmp_path, monkeypatch):
             Image.fromarray(pixels).save(tmp_path / "img" / cls / f"{i}.png")
     encoder = load_vision_encoder("vit_small_patch14_dinov2", "random", resolution=112, depth=1, embed_dim=32,
                                   num_heads=2)  # 8 x 8 patch tokens: the tiny SiT's grid on 16 px inputs
-    state = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, is_local_main_process=True,
-                            device=torch.device("cpu"), wait_for_everyone=lambda: None)
     extract_latents(tmp_path / "img", tmp_path / "store", IdentityAutoencoder(3), image_size=16, batch_size=4,
-                    shard_size=4, num_workers=0, vision_encoder=encoder, state=state)
+                    shard_size=4, num_workers=0, vision_encoder=encoder, state=fake_state())
     store = ["data.source=latents", f"data.data_path={tmp_path / 'store'}", "data.autoencoder=none",
              "model.in_channels=3", "model.num_classes=2", "repa.coeff=0.5", "repa.depth=1",
              "repa.encoder=vit_small_patch14_dinov2", "train.max_steps=3", "log.log_every=3"]

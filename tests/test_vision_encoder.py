@@ -3,14 +3,12 @@ features stored next to the latents (flip-consistent items, manifest record, add
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import exit_code
+from conftest import exit_code, fake_state
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -35,11 +33,6 @@ NAME = "vit_small_patch14_dinov2"
 
 def tiny_encoder(name=NAME, weights="random", resolution=28, **kwargs):
     return load_vision_encoder(name, weights, resolution=resolution, **{**TINY, **kwargs})
-
-
-def fake_state():
-    return SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, is_local_main_process=True,
-                           device=torch.device("cpu"), wait_for_everyone=lambda: None)
 
 
 def randomise(encoder, seed=0):

@@ -9,7 +9,7 @@ import dataclasses
 import timm
 import torch
 
-from ..config import RunConfig
+from ..config import RepaConfig, RunConfig
 from ..data.latents import StoredFeatures, stored_features
 from ..errors import ConfigError
 from ..tasks.diffusion import RepaAlignment
@@ -84,6 +84,12 @@ def resolve_repa(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, repa=dataclasses.replace(r, encoder_dim=dim, encoder_resolution=resolution))
 
 
+def _resolved(cfg: RunConfig) -> RepaConfig:
+    """The `repa` section with encoder width and side filled (as a run records them; resolved if not)."""
+    r = cfg.repa
+    return r if r.encoder_dim is not None and r.encoder_resolution is not None else resolve_repa(cfg).repa
+
+
 def repa_alignment(cfg: RunConfig, device: torch.device | str = "cpu") -> RepaAlignment | None:
     """The task's REPA part: None when off; with a loaded frozen encoder unless features are stored."""
     if not repa_enabled(cfg):
@@ -92,7 +98,7 @@ def repa_alignment(cfg: RunConfig, device: torch.device | str = "cpu") -> RepaAl
         return RepaAlignment(cfg.repa.coeff)
     from ..data.vision_encoder import load_vision_encoder  # timm model + local weights, only when needed
 
-    r = resolve_repa(cfg).repa
+    r = _resolved(cfg)
     encoder = load_vision_encoder(r.encoder, r.encoder_weights, r.encoder_resolution)
     return RepaAlignment(r.coeff, encoder.to(device))
 
@@ -101,5 +107,5 @@ def projector_args(cfg: RunConfig) -> dict:
     """SiT keyword arguments of the REPA projector ({} when REPA is off)."""
     if not repa_enabled(cfg):
         return {}
-    r = cfg.repa if cfg.repa.encoder_dim is not None else resolve_repa(cfg).repa
+    r = _resolved(cfg)
     return {"repa_depth": r.depth, "repa_dim": r.encoder_dim, "projector_dim": r.projector_dim}

@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 
 from ..checkpoint import checkpoint_path, list_checkpoints
 from ..config import RunConfig, config_to_dict, validate
 from ..config_io import DEFAULT_CONFIG, load_config
 from ..errors import ConfigError, RunError
 from ..evaluation import evaluate
+from ..evaluation.generate import run_on_main
 from ..io import write_text_atomic
 from ..launch import process_state
 from ..models.sit import MIXERS
@@ -174,24 +173,6 @@ def open_study(spec: StudySpec, base: RunConfig) -> dict:
     return study
 
 
-def on_main(state: PartialState, fn: Callable[[], Any]) -> Any:
-    """`fn()` on the main process; every process gets its (picklable) result, or raises its error."""
-    payload: list[Any] = [None]
-    if state.is_main_process:
-        try:
-            payload = [("ok", fn())]
-        except Exception as err:  # re-raised below: the original here, its message elsewhere
-            error, payload = err, [("error", str(err))]
-    if state.num_processes > 1:
-        broadcast_object_list(payload, from_process=0)
-    kind, value = payload[0]
-    if kind == "error":
-        if state.is_main_process:
-            raise error
-        raise RunError(f"main process failed: {value}")
-    return value
-
-
 def say(state: PartialState, line: str) -> None:
     if state.is_main_process:
         print(line, flush=True)
@@ -209,7 +190,7 @@ def calibrated(spec: StudySpec, base: RunConfig, study: dict, state: PartialStat
             continue
         say(state, f"calibrating {mixer}: training speed over a short timed run in {spec.out / 'calibration'}")
         result = calibrate(base, mixer, 0, spec.out, state)
-        study = on_main(state, partial(_save_study, spec, {**study, "calibration": {**study["calibration"],
+        study = run_on_main(state, partial(_save_study, spec, {**study, "calibration": {**study["calibration"],
                                                                                      mixer: result}}))
         say(state, f"calibrated {mixer}: {study['calibration'][mixer]['steps_per_sec']:.4g} steps/s")
     return study
@@ -260,7 +241,7 @@ def _needs_evaluation(run_dir: Path, step: int, image_size: int | None = None) -
 def run_cell(spec: StudySpec, base: RunConfig, cell: Cell, row: dict, label: str, state: PartialState) -> None:
     """Train (or resume), evaluate and time one cell; a finished cell is skipped."""
     run_dir = spec.out / cell.name
-    finished, step = on_main(state, lambda: _progress(run_dir))
+    finished, step = run_on_main(state, lambda: _progress(run_dir))
     if finished:
         say(state, f"{label} finished, skipped")
         evaluate_transfer(spec, run_dir, row["max_steps"], label, state)  # sizes asked for after it finished
@@ -269,12 +250,12 @@ def run_cell(spec: StudySpec, base: RunConfig, cell: Cell, row: dict, label: str
         say(state, f"{label} training to step {row['max_steps']} " + (f"(resuming from step {step})" if step
                                                                        else "(new)"))
         train(cell_config(spec, base, cell, row))
-        _, step = on_main(state, lambda: _progress(run_dir))
+        _, step = run_on_main(state, lambda: _progress(run_dir))
         if step < row["max_steps"]:
             raise RunError(f"{run_dir} stopped at step {step} of {row['max_steps']}; rerun the same command to "
                            "continue the study")
     for s in row["eval_steps"]:
-        if on_main(state, partial(_needs_evaluation, run_dir, s)):
+        if run_on_main(state, partial(_needs_evaluation, run_dir, s)):
             say(state, f"{label} evaluating step {s} ({spec.num_samples} samples)")
             evaluate(ckpt=checkpoint_path(run_dir, s), out_dir=eval_dir(run_dir, s), num_samples=spec.num_samples,
                      seed=spec.eval_seed, ref=spec.ref, show_progress=spec.show_progress)
@@ -283,7 +264,7 @@ def run_cell(spec: StudySpec, base: RunConfig, cell: Cell, row: dict, label: str
     speed = sampling_speed(checkpoint_path(run_dir, row["max_steps"]), state.device, spec.sampling_batch,
                            spec.eval_seed)
     record = {"mixer": cell.mixer, "seed": cell.seed, **row, **speed, "device": device_name(state)}
-    on_main(state, lambda: write_text_atomic(run_dir / CELL_FILE, json.dumps(record, indent=2) + "\n"))
+    run_on_main(state, lambda: write_text_atomic(run_dir / CELL_FILE, json.dumps(record, indent=2) + "\n"))
     say(state, f"{label} done")
 
 
@@ -291,7 +272,7 @@ def evaluate_transfer(spec: StudySpec, run_dir: Path, step: int, label: str, sta
     """Evaluate the checkpoint of `step` sampled at each of `spec.transfer_sizes` (resolution transfer, scored
     after resizing back to the extractor's side) into <cell>/eval/study_step<S>_<size>px/, once each."""
     for size in spec.transfer_sizes:
-        if on_main(state, partial(_needs_evaluation, run_dir, step, size)):
+        if run_on_main(state, partial(_needs_evaluation, run_dir, step, size)):
             say(state, f"{label} evaluating step {step} sampled at {size} px ({spec.num_samples} samples)")
             evaluate(ckpt=checkpoint_path(run_dir, step), out_dir=eval_dir(run_dir, step, size),
                      num_samples=spec.num_samples, seed=spec.eval_seed, ref=spec.ref,
@@ -302,9 +283,9 @@ def run_study(spec: StudySpec) -> tuple[dict, str] | None:
     """Run (or continue) the study; (results, table) on the main process, None elsewhere."""
     state = process_state()
     base = base_config(spec)
-    study = calibrated(spec, base, on_main(state, lambda: open_study(spec, base)), state)
+    study = calibrated(spec, base, run_on_main(state, lambda: open_study(spec, base)), state)
     plan = make_plan(spec, base, study["calibration"])
-    study = on_main(state, lambda: _save_study(spec, {**study, "plan": plan}))
+    study = run_on_main(state, lambda: _save_study(spec, {**study, "plan": plan}))
     cells = grid_cells(spec)
     for i, cell in enumerate(cells, 1):
         run_cell(spec, base, cell, plan[cell.mixer], f"[{i}/{len(cells)}] {cell.name}:", state)
