@@ -13,6 +13,7 @@ from sit_atconv.checkpoint import list_checkpoints
 from sit_atconv.errors import ConfigError, RunError
 from sit_atconv.study import Budget, StudySpec
 from sit_atconv.study import grid as study_grid
+from sit_atconv.study import measure as study_measure
 from sit_atconv.study.__main__ import main
 from sit_atconv.study.budget import (
     cumulative_seconds,
@@ -221,6 +222,8 @@ def test_seconds_study_calibrates_once_and_reuses_it(tmp_path, monkeypatch, fake
         return calibrate(base, mixer, *args)
 
     monkeypatch.setattr(study_grid, "calibrate", counted)
+    monkeypatch.setattr(study_measure, "CALIBRATION_WARMUP", 5)  # a shorter calibration than the real one
+    monkeypatch.setattr(study_measure, "CALIBRATION_STEPS", 20)
     argv = ["--config", "tiny", "--mixers", "atconv", "--seeds", "1", "--budget", "seconds", "1",
             "--num-samples", "8", "--sampling-batch", "2", "--set", "transport.num_steps=4", "--out", str(out)]
     assert main(argv) == 0

@@ -7,7 +7,7 @@
 
 Budgets. `--budget steps`: every cell trains train.max_steps steps. `--budget seconds N`: every cell gets N
 seconds of training, planned in steps so that it is deterministic and resumable: each mixer's speed is measured
-once (5 warm-up + 20 timed steps in OUT/calibration/<mixer>), stored in OUT/study.json and reused by reruns,
+once (20 warm-up + 200 timed steps in OUT/calibration/<mixer>), stored in OUT/study.json and reused by reruns,
 and its cells train floor(N x steps/s) steps. The report gives both the planned and the measured train seconds.
 
 Cells. OUT/<mixer>-seed<k>/ is an ordinary run folder (sample.py and eval_fid.py work on it). It is evaluated

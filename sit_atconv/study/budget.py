@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-CALIBRATION_WARMUP = 5  # steps run before timing (allocation, autotuning, first data loads)
-CALIBRATION_STEPS = 20  # timed steps (a multiple of CALIBRATION_WARMUP: the log interval of the calibration run)
+CALIBRATION_WARMUP = 20  # steps run before timing (allocation, autotuning, first data loads)
+CALIBRATION_STEPS = 200  # timed steps, a multiple of CALIBRATION_WARMUP (the calibration run's log interval); 20
+# timed steps were seen to misjudge a mixer's speed by 20 % on a CPU, so a few hundred
 EVAL_POINTS = 4  # default evaluations along a run (the last one at its final step)
 
 
