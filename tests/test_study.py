@@ -157,6 +157,13 @@ def test_statistics_come_from_the_cells_own_files(tmp_path, fake_evaluate):
     assert cell["train_seconds"] == pytest.approx(0.25 + 0.5) and cell["step_ms"] == pytest.approx(375.0)
     assert [e["train_seconds"] for e in cell["evals"]] == pytest.approx([0.25, 0.75])
     assert "12 ± 2.8" in (out / "results.md").read_text()
+    paired = _results(out)["differences"]["fid"]["atconv"]  # per seed: 20 - 10 and 21 - 14
+    assert (paired["baseline"], paired["n"], paired["mean"]) == ("attn", 2, pytest.approx(8.5))
+    assert paired["std"] == pytest.approx(math.sqrt(4.5))
+    half = 12.706204736174707 * math.sqrt(4.5) / math.sqrt(2)  # t(0.975, 1 dof) x standard error
+    assert paired["ci95"] == pytest.approx([8.5 - half, 8.5 + half])
+    assert "fid atconv - attn, paired by seed: +8.5000 ± 2.1 (n=2, 95 % CI [-10.5593, +27.5593])" in (
+        out / "results.md").read_text()
 
 
 def test_a_folder_of_another_study_is_refused(tmp_path, capsys):
@@ -224,7 +231,7 @@ def test_seconds_study_calibrates_once_and_reuses_it(tmp_path, monkeypatch, fake
     monkeypatch.setattr(study_grid, "calibrate", counted)
     monkeypatch.setattr(study_measure, "CALIBRATION_WARMUP", 5)  # a shorter calibration than the real one
     monkeypatch.setattr(study_measure, "CALIBRATION_STEPS", 20)
-    argv = ["--config", "tiny", "--mixers", "atconv", "--seeds", "1", "--budget", "seconds", "1",
+    argv = ["--config", "tiny", "--mixers", "atconv", "--seeds", "1", "--budget", "seconds", "2",
             "--num-samples", "8", "--sampling-batch", "2", "--set", "transport.num_steps=4", "--out", str(out)]
     assert main(argv) == 0
     study = json.loads((out / "study.json").read_text())
@@ -232,7 +239,7 @@ def test_seconds_study_calibrates_once_and_reuses_it(tmp_path, monkeypatch, fake
     assert measured == ["atconv"] and study["calibration"]["atconv"]["timed_steps"] == 20
     assert [s for s, _ in list_checkpoints(out / "calibration" / "atconv")] == [25]  # 5 warm-up + 20 timed
     cell = _results(out)["cells"][0]
-    assert cell["max_steps"] == cell["steps"] == math.floor(1 * rate) == study["plan"]["atconv"]["max_steps"]
+    assert cell["max_steps"] == cell["steps"] == math.floor(2 * rate) == study["plan"]["atconv"]["max_steps"]
     assert cell["planned_train_seconds"] == pytest.approx(cell["steps"] / rate)
     assert main(argv) == 0
     assert measured == ["atconv"]  # not measured again

@@ -32,7 +32,7 @@ def plot_fid(cells: Sequence[dict], fid_curves: dict[str, list[dict]], mixers: S
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax, drawn = fig.subplots(), False
+    ax, values = fig.subplots(), []
     for i, mixer in enumerate(mixers):
         color = f"C{i}"
         points = [p for p in fid_curves[mixer] if p["fid"]["mean"] is not None
@@ -47,9 +47,11 @@ def plot_fid(cells: Sequence[dict], fid_curves: dict[str, list[dict]], mixers: S
         for cell in (c for c in cells if c["mixer"] == mixer):
             seed = [(e[x_key], e["fid"]) for e in cell["evals"] if _finite(e[x_key]) and _finite(e["fid"])]
             ax.plot([s[0] for s in seed], [s[1] for s in seed], linestyle=":", color=color, alpha=0.5)
-        drawn = True
-    if not drawn:
+        values.extend(p["fid"]["min"] for p in points)
+    if not values:
         return None
+    if min(values) > 0:
+        ax.set_yscale("log")  # FID falls by orders of magnitude along a run; a linear axis flattens the end
     ax.set(xlabel=X_LABELS[x_key], ylabel="FID (lower is better)",
            title=f"FID against {X_LABELS[x_key]}: mean over seeds, band = min-max")
     ax.grid(alpha=0.3)

@@ -17,7 +17,16 @@ from ..io import write_text_atomic
 from ..train.plots import read_log
 from .budget import cumulative_seconds, seconds_at
 from .plots import plot_fid, plot_loss
-from .stats import EVAL_FIELDS, STD_NOTE, aggregate, curves, format_table
+from .stats import (
+    EVAL_FIELDS,
+    STD_NOTE,
+    aggregate,
+    curves,
+    format_differences,
+    format_table,
+    paired_differences,
+    transfer_fields,
+)
 
 FORMAT = "sit_atconv.study/1"
 STUDY_FILE = "study.json"  # OUT/study.json: the study's settings (a rerun must match), calibration and plan
@@ -92,13 +101,16 @@ def write_report(out: Path, study: dict, cells: Sequence[dict]) -> tuple[dict, s
     """Write results.json, results.md and the plots for `cells` (records of `cell_record`); (results, table)."""
     mixers = study["settings"]["mixers"]
     summary, fid_curves = aggregate(cells, mixers), curves(cells, mixers)
+    differences = {key: paired_differences(cells, mixers, key) for key in ("fid", *transfer_fields(cells))}
     notes = [TIME_NOTE, SAMPLING_NOTE] + ([TRANSFER_NOTE] if any(c.get("transfer") for c in cells) else [])
     results = {"format": FORMAT, "study": study, "std": STD_NOTE, "notes": notes,
-               "summary": summary, "curves": fid_curves, "cells": list(cells)}
+               "summary": summary, "differences": differences, "curves": fid_curves, "cells": list(cells)}
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     made = [plot_fid(cells, fid_curves, mixers, "step", out / "fid_vs_steps.png"),
             plot_fid(cells, fid_curves, mixers, "train_seconds", out / "fid_vs_seconds.png"),
             plot_loss(cells, mixers, out / "loss.png")]
     table = format_table(summary, mixers)
+    compared = "\n".join(line for d in differences.values() if (line := format_differences(d)))
+    table += f"\n\n{compared}" if compared else ""
     write_text_atomic(out / "results.md", _markdown(study, table, [p.name for p in made if p is not None], notes))
     return results, table

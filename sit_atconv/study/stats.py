@@ -85,6 +85,45 @@ def curves(cells: Sequence[dict], mixers: Sequence[str]) -> dict[str, list[dict]
     return out
 
 
+def t_quantile(probability: float, dof: int) -> float:
+    """Student's t quantile (scipy), for confidence intervals over a few seeds."""
+    from scipy.stats import t
+
+    return float(t.ppf(probability, dof))
+
+
+def paired_differences(cells: Sequence[dict], mixers: Sequence[str], key: str = "fid") -> dict[str, dict]:
+    """{mixer: summary of (mixer - baseline) per training seed at the final step, plus `ci95`}, for every mixer
+    after the baseline mixers[0]. Cells of one seed share their data order and each step's noise and times (pure
+    functions of seed and step) and every evaluation's sampling seed, so pairing by seed takes that shared part
+    out of the comparison; ci95 is the paired t-interval, None with fewer than two pairs."""
+    base, *others = mixers
+    finals = {(c["mixer"], c["seed"]): final_numbers(c).get(key) for c in cells}
+    out = {}
+    for mixer in others:
+        pairs = [(finals[(mixer, seed)], finals[(base, seed)]) for m, seed in finals
+                 if m == mixer and (base, seed) in finals]
+        diffs = [a - b for a, b in pairs if _numbers([a, b]) == [a, b]]
+        s = summarize(diffs)
+        half = None if s["std"] is None else t_quantile(0.975, s["n"] - 1) * s["std"] / math.sqrt(s["n"])
+        out[mixer] = {**s, "baseline": base, "key": key,
+                      "ci95": None if half is None else [s["mean"] - half, s["mean"] + half]}
+    return out
+
+
+def format_differences(differences: dict[str, dict]) -> str:
+    """One line per mixer: its paired difference to the baseline, mean ± std, n and the 95 % interval."""
+    lines = []
+    for mixer, d in differences.items():
+        if d["mean"] is None:
+            continue
+        interval = "" if d["ci95"] is None else f", 95 % CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+        spread = "" if d["std"] is None else f" ± {d['std']:.2g}"
+        lines.append(f"- {d['key']} {mixer} - {d['baseline']}, paired by seed: {d['mean']:+.4f}{spread} "
+                     f"(n={d['n']}{interval})")
+    return "\n".join(lines)
+
+
 def band(series: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
     """(steps, mean, min, max) over several (step, value) series, at the steps every series has (loss curves)."""
     by_step = [dict(s) for s in series]
