@@ -164,6 +164,9 @@ def test_statistics_come_from_the_cells_own_files(tmp_path, fake_evaluate):
     assert paired["ci95"] == pytest.approx([8.5 - half, 8.5 + half])
     assert "fid atconv - attn, paired by seed: +8.5000 ± 2.1 (n=2, 95 % CI [-10.5593, +27.5593])" in (
         out / "results.md").read_text()
+    along = _results(out)["differences_along"]  # step 1 kept the fake FID 101 in every cell
+    assert along["2"]["atconv"]["mean"] == pytest.approx(8.5) and along["1"]["atconv"]["mean"] == 0.0
+    assert "| 2 | +8.5 ± 2.1 [-10.6, +27.6] |" in (out / "results.md").read_text()
 
 
 def test_a_folder_of_another_study_is_refused(tmp_path, capsys):

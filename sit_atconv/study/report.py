@@ -22,7 +22,9 @@ from .stats import (
     STD_NOTE,
     aggregate,
     curves,
+    differences_along,
     format_differences,
+    format_differences_along,
     format_table,
     paired_differences,
     transfer_fields,
@@ -102,9 +104,12 @@ def write_report(out: Path, study: dict, cells: Sequence[dict]) -> tuple[dict, s
     mixers = study["settings"]["mixers"]
     summary, fid_curves = aggregate(cells, mixers), curves(cells, mixers)
     differences = {key: paired_differences(cells, mixers, key) for key in ("fid", *transfer_fields(cells))}
+    along = differences_along(cells, mixers)
     notes = [TIME_NOTE, SAMPLING_NOTE] + ([TRANSFER_NOTE] if any(c.get("transfer") for c in cells) else [])
     results = {"format": FORMAT, "study": study, "std": STD_NOTE, "notes": notes,
-               "summary": summary, "differences": differences, "curves": fid_curves, "cells": list(cells)}
+               "summary": summary, "differences": differences,
+               "differences_along": {str(step): row for step, row in along.items()}, "curves": fid_curves,
+               "cells": list(cells)}
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     made = [plot_fid(cells, fid_curves, mixers, "step", out / "fid_vs_steps.png"),
             plot_fid(cells, fid_curves, mixers, "train_seconds", out / "fid_vs_seconds.png"),
@@ -112,5 +117,8 @@ def write_report(out: Path, study: dict, cells: Sequence[dict]) -> tuple[dict, s
     table = format_table(summary, mixers)
     compared = "\n".join(line for d in differences.values() if (line := format_differences(d)))
     table += f"\n\n{compared}" if compared else ""
+    along_table = format_differences_along(along, mixers)
+    table += f"\n\nPaired FID differences along the run (mean ± std over seeds [95 % t-interval]):\n\n{along_table}" \
+        if along_table else ""
     write_text_atomic(out / "results.md", _markdown(study, table, [p.name for p in made if p is not None], notes))
     return results, table

@@ -92,13 +92,21 @@ def t_quantile(probability: float, dof: int) -> float:
     return float(t.ppf(probability, dof))
 
 
-def paired_differences(cells: Sequence[dict], mixers: Sequence[str], key: str = "fid") -> dict[str, dict]:
-    """{mixer: summary of (mixer - baseline) per training seed at the final step, plus `ci95`}, for every mixer
-    after the baseline mixers[0]. Cells of one seed share their data order and each step's noise and times (pure
-    functions of seed and step) and every evaluation's sampling seed, so pairing by seed takes that shared part
-    out of the comparison; ci95 is the paired t-interval, None with fewer than two pairs."""
+def _value_at(cell: dict, key: str, step: int | None):
+    """A cell's `key` at its final step (`step` None) or at the evaluated `step` (None if not evaluated there)."""
+    if step is None:
+        return final_numbers(cell).get(key)
+    return next((e.get(key) for e in cell["evals"] if e["step"] == step), None)
+
+
+def paired_differences(cells: Sequence[dict], mixers: Sequence[str], key: str = "fid",
+                       step: int | None = None) -> dict[str, dict]:
+    """{mixer: summary of (mixer - baseline) per training seed, plus `ci95`}, at the final step or at `step`,
+    for every mixer after the baseline mixers[0]. Cells of one seed share their data order, each step's noise
+    and times (pure functions of seed and step) and every evaluation's sampling seed, so pairing by seed takes
+    that shared part out of the comparison; ci95 is the paired t-interval, None with fewer than two pairs."""
     base, *others = mixers
-    finals = {(c["mixer"], c["seed"]): final_numbers(c).get(key) for c in cells}
+    finals = {(c["mixer"], c["seed"]): _value_at(c, key, step) for c in cells}
     out = {}
     for mixer in others:
         pairs = [(finals[(mixer, seed)], finals[(base, seed)]) for m, seed in finals
@@ -121,6 +129,32 @@ def format_differences(differences: dict[str, dict]) -> str:
         spread = "" if d["std"] is None else f" ± {d['std']:.2g}"
         lines.append(f"- {d['key']} {mixer} - {d['baseline']}, paired by seed: {d['mean']:+.4f}{spread} "
                      f"(n={d['n']}{interval})")
+    return "\n".join(lines)
+
+
+def differences_along(cells: Sequence[dict], mixers: Sequence[str]) -> dict[int, dict[str, dict]]:
+    """{step: paired FID differences to the baseline there} at every step some cell was evaluated at."""
+    steps = sorted({e["step"] for c in cells for e in c["evals"]})
+    return {s: paired_differences(cells, mixers, "fid", s) for s in steps}
+
+
+def format_differences_along(along: dict[int, dict[str, dict]], mixers: Sequence[str]) -> str:
+    """A Markdown table: per evaluated step, each mixer's paired FID difference to the baseline, mean ± std
+    [95 % interval]; '-' where no seed has both numbers, steps where none has are left out. Empty with one
+    mixer."""
+    if len(mixers) < 2:
+        return ""
+    head = ["step", *(f"FID {m} - {mixers[0]}" for m in mixers[1:])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for step, row in along.items():
+        if all(row[m]["mean"] is None for m in mixers[1:]):
+            continue  # no seed was evaluated at this step by both (equal seconds: each mixer's own last step)
+        cells = []
+        for mixer in mixers[1:]:
+            d = row[mixer]
+            interval = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]"
+            cells.append("-" if d["mean"] is None else f"{format_value(d, '+.3g')}{interval}")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
