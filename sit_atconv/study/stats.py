@@ -1,4 +1,5 @@
-"""Pure statistics of a study: mean and sample standard deviation over seeds, per mixer, from the cells' numbers.
+"""Pure statistics of a study: mean and sample standard deviation over seeds, per mixer, from the cells' numbers,
+and each mixer's difference to the baseline mixer paired by seed.
 
 The spread is the *sample* standard deviation (ddof=1, Bessel's correction): the seeds are a sample of the
 training randomness, and a reviewer reads "± std" that way. With one seed there is no spread (None), never 0.
@@ -106,12 +107,12 @@ def paired_differences(cells: Sequence[dict], mixers: Sequence[str], key: str = 
     and times (pure functions of seed and step) and every evaluation's sampling seed, so pairing by seed takes
     that shared part out of the comparison; ci95 is the paired t-interval, None with fewer than two pairs."""
     base, *others = mixers
-    finals = {(c["mixer"], c["seed"]): _value_at(c, key, step) for c in cells}
+    values = {(c["mixer"], c["seed"]): _value_at(c, key, step) for c in cells}
     out = {}
     for mixer in others:
-        pairs = [(finals[(mixer, seed)], finals[(base, seed)]) for m, seed in finals
-                 if m == mixer and (base, seed) in finals]
-        diffs = [a - b for a, b in pairs if _numbers([a, b]) == [a, b]]
+        pairs = [(values[(mixer, seed)], values[(base, seed)]) for m, seed in values
+                 if m == mixer and (base, seed) in values]
+        diffs = [a - b for a, b in pairs if len(_numbers([a, b])) == 2]  # both finite numbers
         s = summarize(diffs)
         half = None if s["std"] is None else t_quantile(0.975, s["n"] - 1) * s["std"] / math.sqrt(s["n"])
         out[mixer] = {**s, "baseline": base, "key": key,
@@ -141,21 +142,23 @@ def differences_along(cells: Sequence[dict], mixers: Sequence[str]) -> dict[int,
 def format_differences_along(along: dict[int, dict[str, dict]], mixers: Sequence[str]) -> str:
     """A Markdown table: per evaluated step, each mixer's paired FID difference to the baseline, mean ± std
     [95 % interval]; '-' where no seed has both numbers, steps where none has are left out. Empty with one
-    mixer."""
+    mixer or no shared step."""
     if len(mixers) < 2:
         return ""
     head = ["step", *(f"FID {m} - {mixers[0]}" for m in mixers[1:])]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for step, row in along.items():
         if all(row[m]["mean"] is None for m in mixers[1:]):
             continue  # no seed was evaluated at this step by both (equal seconds: each mixer's own last step)
-        cells = []
+        entries = []
         for mixer in mixers[1:]:
             d = row[mixer]
             interval = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]"
-            cells.append("-" if d["mean"] is None else f"{format_value(d, '+.3g')}{interval}")
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            entries.append("-" if d["mean"] is None else f"{format_value(d, '+.3g')}{interval}")
+        rows.append(f"| {step} | " + " | ".join(entries) + " |")
+    if not rows:
+        return ""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
 
 
 def band(series: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
