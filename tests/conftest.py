@@ -98,3 +98,19 @@ def tiny_vae_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("tiny_vae")
     vae.save_pretrained(folder)
     return str(folder)
+
+
+def write_image_folder(root: Path, counts: dict[str, int], side: int, scale=(1.0, 1.0, 1.0),
+                       offset=(0.0, 0.0, 0.0)) -> Path:
+    """An ImageFolder of random RGB PNGs, root/<class>/<i>.png, `counts` images per class, drawn in order from
+    one seeded generator; `scale` and `offset` per channel tint them (distinct channel statistics)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, n in counts.items():
+        (root / cls).mkdir()
+        for i in range(n):
+            pixels = rng.integers(0, 256, (side, side, 3)) * np.array(scale) + np.array(offset)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / cls / f"{i}.png")
+    return root

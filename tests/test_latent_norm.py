@@ -9,8 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import fake_state, reset_accelerate, tiny_config
-from PIL import Image
+from conftest import fake_state, reset_accelerate, tiny_config, write_image_folder
 
 from sit_atconv.build import build_autoencoder, build_dataset, load_run, resolve_data
 from sit_atconv.config_io import load_config
@@ -26,14 +25,8 @@ STORE_OVERRIDES = ("data.source=latents", "data.autoencoder=none", "model.input_
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """Two classes, 5 random RGB images (colour-biased so the latent channels have distinct statistics)."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for cls, n in (("a", 3), ("b", 2)):
-        (root / cls).mkdir()
-        for i in range(n):
-            pixels = rng.integers(0, 256, (32, 32, 3)) * np.array([1.0, 0.5, 0.2]) + np.array([0, 100, 200])
-            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / cls / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"), {"a": 3, "b": 2}, 32, scale=(1.0, 0.5, 0.2),
+                              offset=(0, 100, 200))
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import exit_code, fake_state
-from PIL import Image
+from conftest import exit_code, fake_state, write_image_folder
 from safetensors.torch import save_file
 
 from sit_atconv.data import (
@@ -46,13 +45,7 @@ def randomise(encoder, seed=0):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for cls, n in (("a", 2), ("b", 1)):
-        (root / cls).mkdir()
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3)).astype(np.uint8)).save(root / cls / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"), {"a": 2, "b": 1}, 20)
 
 
 # -------------------------------------------------------------------------------------------- encoder
